@@ -1,0 +1,37 @@
+"""The ``raytumor`` command: one typer sub-app per pipeline stage.
+
+Heavy libraries (torch, ray, monai) are imported inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from raytumor.cli import data as data_cli
+from raytumor.cli import pipeline
+
+app = typer.Typer(
+    name="raytumor",
+    help="Triplet contrastive learning for brain-tumour MRI embeddings, on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_cli.app, name="data")
+app.command("demo")(pipeline.demo)
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one line on stderr and exit code 2."""
+    from raytumor.errors import RaytumorError
+
+    try:
+        app()
+    except RaytumorError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Data stage: import -> manifest -> validate -> preprocess (cached) -> augment -> Ray Data."""

@@ -1,0 +1,207 @@
+"""The dataset contract every stage reads: ``manifest.parquet`` and ``classes.parquet``.
+
+A dataset is a directory holding
+
+* ``manifest.parquet``: one row per case (schema :data:`MANIFEST_SCHEMA`);
+* ``classes.parquet``: ``label, name, count, rare`` (schema :data:`CLASSES_SCHEMA`).
+
+Image and mask paths are relative to the dataset directory, or absolute, or URIs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raytumor.errors import DatasetError
+from raytumor.storage import atomic_write_bytes
+
+MANIFEST_FILE = "manifest.parquet"
+CLASSES_FILE = "classes.parquet"
+SPLITS = ("train", "val", "test", "unlabelled")
+LABELLED_SPLITS = ("train", "val", "test")
+MASK_KINDS = ("ground_truth", "pseudo")
+DEFAULT_RARE_FRACTION = 0.01
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("mask", pa.string()),
+        pa.field("label", pa.int32()),
+        pa.field("label_name", pa.string()),
+        pa.field("patient_id", pa.string()),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        # Not in the minimal contract: where the mask came from ("ground_truth" or "pseudo").
+        pa.field("mask_kind", pa.string()),
+    ]
+)
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+REQUIRED_COLUMNS = ("case_id", "image", "split", "source")
+
+CLASSES_SCHEMA = pa.schema(
+    [
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+        pa.field("rare", pa.bool_(), nullable=False),
+    ]
+)
+
+
+def _to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def normalise_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """Return ``df`` with every manifest column, in order, with the contract's dtypes."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"manifest: missing required column(s) {', '.join(missing)}")
+    unknown = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    if unknown:
+        raise DatasetError(f"manifest: unknown column(s) {', '.join(unknown)}")
+    out = pd.DataFrame(index=range(len(df)))
+    values = df.reset_index(drop=True)
+    for name in MANIFEST_COLUMNS:
+        column = values[name] if name in values.columns else pd.Series([None] * len(values))
+        if name == "label":
+            try:
+                out[name] = pd.array(pd.to_numeric(column, errors="raise"), dtype="Int32")
+            except (ValueError, TypeError) as exc:
+                raise DatasetError(f"manifest: column label must hold integers or nulls ({exc})") from None
+        else:
+            out[name] = column.astype(object).where(column.notna(), None)
+            out[name] = out[name].map(lambda v: None if v is None else str(v))
+    bad_split = sorted(set(out["split"].dropna()) - set(SPLITS))
+    if bad_split or out["split"].isna().any():
+        raise DatasetError(f"manifest: column split must be one of {', '.join(SPLITS)}; got {bad_split or 'null'}")
+    bad_kind = sorted(set(out["mask_kind"].dropna()) - set(MASK_KINDS))
+    if bad_kind:
+        raise DatasetError(f"manifest: column mask_kind must be one of {', '.join(MASK_KINDS)}; got {bad_kind}")
+    unlabelled_with_label = (out["split"] == "unlabelled") & out["label"].notna()
+    if unlabelled_with_label.any():
+        case = out.loc[unlabelled_with_label, "case_id"].iloc[0]
+        raise DatasetError(f"manifest: case {case} is in split unlabelled but has a label")
+    labelled_without_label = out["split"].isin(LABELLED_SPLITS) & out["label"].isna()
+    if labelled_without_label.any():
+        case = out.loc[labelled_without_label, "case_id"].iloc[0]
+        raise DatasetError(f"manifest: case {case} is in a labelled split but has no label")
+    return out
+
+
+def manifest_table(df: pd.DataFrame) -> pa.Table:
+    df = normalise_manifest(df)
+    return pa.Table.from_pandas(df, schema=MANIFEST_SCHEMA, preserve_index=False)
+
+
+def write_manifest(dataset_dir: str | os.PathLike, df: pd.DataFrame) -> Path:
+    """Validate the columns of ``df`` and write ``manifest.parquet`` atomically."""
+    path = Path(dataset_dir) / MANIFEST_FILE
+    atomic_write_bytes(path, _to_parquet_bytes(manifest_table(df)))
+    return path
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> pd.DataFrame:
+    """Read ``manifest.parquet`` of a dataset; a missing or broken file is a :class:`DatasetError`."""
+    path = Path(dataset_dir) / MANIFEST_FILE
+    if not Path(dataset_dir).is_dir():
+        raise DatasetError(f"{dataset_dir}: no such dataset directory")
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing; create a dataset with `raytumor data demo` or an importer")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any parquet failure is a broken manifest
+        raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
+    return normalise_manifest(table.to_pandas())
+
+
+def resolve_path(dataset_dir: str | os.PathLike, path: str | None) -> str | None:
+    """An image/mask path as stored in the manifest -> a path or URI usable from anywhere."""
+    if path is None or (isinstance(path, float) and np.isnan(path)):
+        return None
+    if "://" in path or os.path.isabs(path):
+        return path
+    return str((Path(dataset_dir) / path).resolve())
+
+
+def build_class_table(
+    manifest: pd.DataFrame,
+    *,
+    names: dict[int, str] | None = None,
+    rare_fraction: float = DEFAULT_RARE_FRACTION,
+    rare_classes: Iterable[int] | None = None,
+) -> pd.DataFrame:
+    """Class table from the labelled cases of a manifest.
+
+    A class is rare when it holds ``<= rare_fraction`` of the labelled cases (the paper's
+    rule); an explicit ``rare_classes`` list overrides the rule.
+    """
+    labelled = manifest[manifest["label"].notna()]
+    counts = labelled["label"].astype(int).value_counts().sort_index()
+    if names is None:
+        names = {}
+        for label, name in labelled[["label", "label_name"]].drop_duplicates("label").itertuples(index=False):
+            names[int(label)] = name if name is not None else str(int(label))
+    all_labels = sorted(set(counts.index.tolist()) | set(names))
+    total = int(counts.sum())
+    explicit = None if rare_classes is None else {int(c) for c in rare_classes}
+    rows = []
+    for label in all_labels:
+        count = int(counts.get(label, 0))
+        rare = (label in explicit) if explicit is not None else (total > 0 and count <= rare_fraction * total)
+        rows.append({"label": int(label), "name": str(names.get(label, label)), "count": count, "rare": bool(rare)})
+    return pd.DataFrame(rows, columns=["label", "name", "count", "rare"])
+
+
+def write_classes(dataset_dir: str | os.PathLike, classes: pd.DataFrame) -> Path:
+    path = Path(dataset_dir) / CLASSES_FILE
+    table = pa.Table.from_pandas(classes[list(CLASSES_SCHEMA.names)], schema=CLASSES_SCHEMA, preserve_index=False)
+    atomic_write_bytes(path, _to_parquet_bytes(table))
+    return path
+
+
+def read_classes(dataset_dir: str | os.PathLike) -> pd.DataFrame:
+    """Read ``classes.parquet`` (or ``classes.csv``) of a dataset."""
+    base = Path(dataset_dir)
+    parquet, csv = base / CLASSES_FILE, base / "classes.csv"
+    try:
+        if parquet.is_file():
+            df = pq.read_table(parquet).to_pandas()
+            source = parquet
+        elif csv.is_file():
+            df = pd.read_csv(csv)
+            source = csv
+        else:
+            raise DatasetError(f"{parquet}: missing class table")
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f"{parquet}: unreadable class table ({exc})") from None
+    missing = [c for c in CLASSES_SCHEMA.names if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{source}: missing column(s) {', '.join(missing)}")
+    df = df[list(CLASSES_SCHEMA.names)].copy()
+    df["label"] = df["label"].astype(int)
+    df["count"] = df["count"].astype(int)
+    df["rare"] = df["rare"].astype(bool)
+    return df.sort_values("label").reset_index(drop=True)
+
+
+def rare_labels(classes: pd.DataFrame) -> list[int]:
+    return [int(label) for label in classes.loc[classes["rare"], "label"]]
+
+
+def labels_from_names(names: Sequence[str]) -> dict[str, int]:
+    """Map class names to ints, sorted by name, as the importers do."""
+    return {name: index for index, name in enumerate(sorted(set(names)))}

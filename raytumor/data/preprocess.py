@@ -1,0 +1,261 @@
+"""Preprocessing on Ray Data, cached by a fingerprint of inputs and settings.
+
+read manifest -> ``map_batches(preprocess)`` -> ``write_parquet``: every case is reoriented
+to RAS, resized to the target shape, intensity-normalised, and stacked with its mask into
+a ``(2, X, Y, Z)`` float32 tensor (channel 0 image, channel 1 mask; zeros with
+``has_mask=False`` when absent). Cases that fail a check are listed in ``quarantine.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raytumor.data.manifest import read_manifest, resolve_path
+from raytumor.data.validate import CaseCheckError, CaseProblem, check_case, table_problems, write_quarantine
+from raytumor.data.volumes import reorient_to_ras
+from raytumor.errors import DatasetError
+from raytumor.storage import atomic_path, atomic_write_text
+
+PREPARED_DIR = "prepared"
+META_FILE = "meta.json"
+SHARDS_DIR = "shards"
+# Bump when the preprocessing maths changes: old caches then stop matching.
+PREPROCESS_VERSION = 1
+PAPER_SHAPE = (128, 128, 12)
+ROW_COLUMNS = ("case_id", "label", "split", "has_mask", "mask_kind", "augmented", "volume")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    shape: tuple[int, int, int] = PAPER_SHAPE
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    allow_2d: bool = True
+
+    def __post_init__(self):
+        if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
+            raise ValueError(f"shape must be three positive ints, got {self.shape}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A complete preprocessing cache: Parquet shards of ``ROW_COLUMNS`` plus ``meta.json``."""
+
+    path: Path
+    fingerprint: str
+    n_cases: int
+    n_quarantined: int
+    shape: tuple[int, int, int]
+    cached: bool = False
+    seconds: float = 0.0
+
+    @property
+    def shards(self) -> Path:
+        return self.path / SHARDS_DIR
+
+    @property
+    def quarantine(self) -> Path:
+        return self.path / "quarantine.csv"
+
+
+def normalise_intensity(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """Clip to foreground percentiles, then z-score over the foreground.
+
+    The foreground is every voxel above the volume's minimum, so a zero (or constant)
+    background neither drags the mean nor shrinks the spread; the background maps to the
+    lowest normalised value.
+    """
+    foreground = image[image > image.min()]
+    if foreground.size < 2:
+        return np.zeros_like(image, dtype=np.float32)
+    lo, hi = np.percentile(foreground, [lower, upper])
+    clipped = np.clip(image, lo, hi)
+    values = clipped[image > image.min()]
+    std = float(values.std())
+    out = (clipped - float(values.mean())) / (std if std > 1e-8 else 1.0)
+    return out.astype(np.float32)
+
+
+def preprocess_volume(image: np.ndarray, mask: np.ndarray | None, settings: PrepareSettings) -> np.ndarray:
+    """``image``/``mask`` ``(X, Y, Z)`` in RAS order -> ``(2, *settings.shape)`` float32."""
+    from monai.transforms import Resize
+
+    resize_image = Resize(settings.shape, mode="trilinear", anti_aliasing=False)
+    resize_mask = Resize(settings.shape, mode="nearest-exact")
+    image_r = np.asarray(resize_image(image[np.newaxis]), dtype=np.float32)[0]
+    out = np.zeros((2, *settings.shape), dtype=np.float32)
+    out[0] = normalise_intensity(image_r, settings.lower_percentile, settings.upper_percentile)
+    if mask is not None:
+        mask_r = np.asarray(resize_mask((mask > 0).astype(np.float32)[np.newaxis]), dtype=np.float32)[0]
+        out[1] = (mask_r > 0.5).astype(np.float32)
+    return out
+
+
+def preprocess_batch(batch: pd.DataFrame, settings: PrepareSettings) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: a pandas batch of manifest rows -> prepared rows.
+
+    Bad cases come out with ``error`` set and an all-zero volume, so none is dropped silently.
+    """
+    volumes, errors, files, has_mask = [], [], [], []
+    for row in batch.itertuples(index=False):
+        try:
+            image, mask = check_case(row.image, row.mask, allow_2d=settings.allow_2d)
+            mask_data = reorient_to_ras(mask) if mask is not None else None
+            volumes.append(preprocess_volume(reorient_to_ras(image), mask_data, settings))
+            errors.append("")
+            files.append("")
+            has_mask.append(mask is not None)
+        except CaseCheckError as exc:
+            volumes.append(np.zeros((2, *settings.shape), dtype=np.float32))
+            errors.append(exc.reason)
+            files.append(exc.file)
+            has_mask.append(False)
+    labels = batch["label"].fillna(-1).astype(np.int64).to_numpy()
+    return {
+        "case_id": batch["case_id"].astype(str).to_numpy(),
+        "label": labels,
+        "split": batch["split"].astype(str).to_numpy(),
+        "has_mask": np.asarray(has_mask, dtype=bool),
+        "mask_kind": batch["mask_kind"].fillna("").astype(str).to_numpy(),
+        "augmented": np.zeros(len(batch), dtype=bool),
+        "volume": np.stack(volumes),
+        "error": np.asarray(errors, dtype=object),
+        "error_file": np.asarray(files, dtype=object),
+    }
+
+
+def _file_stamp(path: str | None) -> list:
+    if path is None or "://" in path:
+        return [path]
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, stat.st_size, stat.st_mtime_ns]
+
+
+def fingerprint(manifest: pd.DataFrame, dataset_dir: str | os.PathLike, settings: PrepareSettings) -> str:
+    """Hash of the manifest rows, each file's size and mtime, the settings and the code version."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": PREPROCESS_VERSION, "settings": asdict(settings)}, sort_keys=True).encode())
+    for row in manifest.sort_values("case_id").itertuples(index=False):
+        image = resolve_path(dataset_dir, row.image)
+        mask = resolve_path(dataset_dir, row.mask)
+        label = None if pd.isna(row.label) else int(row.label)
+        record = [row.case_id, label, row.split, row.mask_kind, _file_stamp(image), _file_stamp(mask)]
+        digest.update(json.dumps(record, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir(dataset_dir: str | os.PathLike, settings: PrepareSettings, fp: str) -> Path:
+    shape = "x".join(str(s) for s in settings.shape)
+    return Path(dataset_dir) / PREPARED_DIR / f"{shape}-{fp}"
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedDataset:
+    """Open a complete cache directory (one holding ``meta.json``)."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise DatasetError(f"{path}: not a complete preprocessing cache (no {META_FILE}); run `raytumor data prepare`")
+    meta = json.loads(meta_path.read_text())
+    return PreparedDataset(
+        path=path,
+        fingerprint=meta["fingerprint"],
+        n_cases=meta["n_cases"],
+        n_quarantined=meta["n_quarantined"],
+        shape=tuple(meta["shape"]),
+        cached=True,
+    )
+
+
+def find_prepared(dataset_dir: str | os.PathLike, settings: PrepareSettings) -> PreparedDataset | None:
+    """The cache matching the dataset as it is now, or None."""
+    manifest = read_manifest(dataset_dir)
+    path = cache_dir(dataset_dir, settings, fingerprint(manifest, dataset_dir, settings))
+    return load_prepared(path) if (path / META_FILE).is_file() else None
+
+
+def prepare_dataset(
+    dataset_dir: str | os.PathLike,
+    settings: PrepareSettings = PrepareSettings(),
+    *,
+    force: bool = False,
+    batch_size: int = 8,
+) -> PreparedDataset:
+    """Preprocess every case of a dataset into Parquet shards with Ray Data (cached).
+
+    Needs a running Ray (see :func:`raytumor.runtime.ray_session`). A second call with an
+    unchanged manifest, files and settings returns the cache without work. The cache is
+    built in a temporary directory and renamed into place only when complete.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    started = time.perf_counter()
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    fp = fingerprint(manifest, dataset_dir, settings)
+    target = cache_dir(dataset_dir, settings, fp)
+    if (target / META_FILE).is_file() and not force:
+        return load_prepared(target)
+
+    problems: list[CaseProblem] = table_problems(manifest, None)
+    duplicated = set(p.case_id for p in problems)
+    rows = manifest[~manifest["case_id"].isin(duplicated)].copy()
+    rows["image"] = [resolve_path(dataset_dir, p) for p in rows["image"]]
+    rows["mask"] = [resolve_path(dataset_dir, p) for p in rows["mask"]]
+    rows = rows[["case_id", "image", "mask", "label", "split", "mask_kind"]]
+    rows["label"] = rows["label"].astype("float64")  # nullable ints travel as float/NaN through Arrow
+
+    if len(rows) == 0:
+        raise DatasetError(f"{dataset_dir}: the manifest has no usable case")
+    parallelism = max(1, min(len(rows) // batch_size + 1, int(ray.available_resources().get("CPU", 1)) * 4))
+    processed = (
+        ray.data.from_pandas([rows.iloc[i::parallelism] for i in range(parallelism)])
+        .map_batches(
+            preprocess_batch,
+            fn_kwargs={"settings": settings},
+            batch_size=batch_size,
+            batch_format="pandas",
+        )
+        .materialize()
+    )
+    with atomic_path(target) as tmp:
+        tmp.mkdir(parents=True)
+        good = processed.filter(expr=col("error") == "").drop_columns(["error", "error_file"])
+        good.write_parquet(str(tmp / SHARDS_DIR))
+        bad = processed.filter(expr=col("error") != "").select_columns(["case_id", "error_file", "error"]).to_pandas()
+        problems.extend(CaseProblem(r.case_id, r.error_file, r.error) for r in bad.itertuples(index=False))
+        write_quarantine(tmp / "quarantine.csv", problems)
+        n_good = good.count()
+        meta = {
+            "fingerprint": fp,
+            "shape": list(settings.shape),
+            "settings": asdict(settings),
+            "n_cases": n_good,
+            "n_quarantined": len({p.case_id for p in problems}),
+            "version": PREPROCESS_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        # meta.json last: its presence marks the cache complete.
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+    _remove_stale_caches(target)
+    prepared = load_prepared(target)
+    return PreparedDataset(**{**prepared.__dict__, "cached": False, "seconds": time.perf_counter() - started})
+
+
+def _remove_stale_caches(current: Path) -> None:
+    """Leftovers of interrupted runs (temporary dirs) of this shape; complete caches are kept."""
+    for entry in current.parent.glob(f".{current.name.split('-')[0]}-*.tmp-*"):
+        shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Reading NIfTI volumes fully and checking them: the checks every stage shares.
+
+nibabel loads lazily (a truncated ``.nii.gz`` reports its shape and fails only when its
+voxels are read), so every check here reads the voxels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Largest off-axis component of a unit voxel axis that still counts as axis-aligned.
+OBLIQUE_TOLERANCE = 1e-3
+
+
+class VolumeError(Exception):
+    """A volume that cannot be used; the message is the reason, without the path."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A fully read 3-D volume: ``data`` is ``(X, Y, Z)`` float32 in stored voxel order."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def orientation(self) -> str:
+        return "".join(nib.orientations.aff2axcodes(self.affine))
+
+
+def read_volume(path: str, *, allow_2d: bool = False) -> Volume:
+    """Read every voxel of a NIfTI file and check it.
+
+    Raises :class:`VolumeError` for: missing file, not NIfTI, unreadable or truncated voxel
+    data, 4-D data (a trailing singleton axis is squeezed), 2-D data (unless ``allow_2d``,
+    then a depth-1 volume), NaN/Inf voxels, a singular or oblique affine.
+    """
+    if "://" not in path and not os.path.exists(path):
+        raise VolumeError("missing file")
+    if not path.lower().endswith(NIFTI_SUFFIXES):
+        raise VolumeError("not NIfTI (expected a .nii or .nii.gz file)")
+    try:
+        image = nib.load(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
+        detail = str(exc).replace(path, os.path.basename(path))  # the reason never carries the path
+        raise VolumeError(f"not NIfTI or unreadable header ({type(exc).__name__}: {detail})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError(f"not NIfTI ({type(image).__name__})")
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError ...
+        detail = str(exc).replace(path, os.path.basename(path))
+        raise VolumeError(f"truncated or unreadable voxel data ({type(exc).__name__}: {detail})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        if not allow_2d:
+            raise VolumeError(f"2-D image of shape {data.shape} where 3-D is expected")
+        data = data[..., np.newaxis]
+    if data.ndim != 3:
+        raise VolumeError(f"{data.ndim}-D image of shape {data.shape}; expected 3-D")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise VolumeError(f"{bad} NaN/Inf voxel(s)")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    check_affine(affine)
+    return Volume(data=data, affine=affine)
+
+
+def check_affine(affine: np.ndarray) -> None:
+    """The pipeline reorients by axis permutation and flips only, so it needs an axis-aligned grid."""
+    if not np.all(np.isfinite(affine)):
+        raise VolumeError("affine has NaN/Inf entries")
+    linear = affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0) or abs(np.linalg.det(linear)) < 1e-12:
+        raise VolumeError("singular affine (zero voxel size); orientation unknown")
+    directions = np.abs(linear / spacing)
+    off_axis = 1.0 - directions.max(axis=0)
+    if np.any(off_axis > OBLIQUE_TOLERANCE):
+        raise VolumeError(
+            "oblique orientation: the pipeline reorients axis-aligned volumes only; "
+            "resample to an axis-aligned grid first"
+        )
+
+
+def check_image_content(data: np.ndarray) -> None:
+    if float(data.max()) == float(data.min()):
+        raise VolumeError(f"constant image (every voxel = {float(data.min()):g})")
+
+
+def check_mask(mask: Volume, image: Volume) -> None:
+    if mask.data.shape != image.data.shape:
+        raise VolumeError(f"mask shape {mask.data.shape} does not match image shape {image.data.shape}")
+    if mask.orientation != image.orientation:
+        raise VolumeError(f"mask orientation {mask.orientation} differs from image orientation {image.orientation}")
+
+
+def reorient_to_ras(volume: Volume) -> np.ndarray:
+    """Voxel data permuted/flipped so that axes point Right, Anterior, Superior."""
+    ornt = nib.orientations.io_orientation(volume.affine)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(volume.data, ornt))

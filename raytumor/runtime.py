@@ -1,0 +1,55 @@
+"""Connecting to Ray: an embedded local instance by default, an existing cluster on request."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    dashboard: bool = False,
+    dashboard_port: int | None = None,
+    announce: bool = True,
+) -> Iterator[None]:
+    """Use the running Ray, a cluster at ``address`` (or ``RAY_ADDRESS``), or start one in-process.
+
+    An embedded instance binds its dashboard to 127.0.0.1 only and is shut down on exit; a
+    Ray that was already initialised (tests share one) or a remote cluster is left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        if announce:
+            print(f"Connected to Ray cluster at {address}")
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            dashboard_port=dashboard_port,
+            logging_level=logging.WARNING,
+        )
+        if announce and dashboard:
+            context = ray.get_runtime_context()
+            url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
+            print(f"Ray dashboard: http://{url}")
+    try:
+        yield
+    finally:
+        if not address:
+            ray.shutdown()

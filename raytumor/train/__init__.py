@@ -1,0 +1,1 @@
+"""Training stage: plain train/eval steps, class-balanced batches, Ray Train loops."""

@@ -1,0 +1,133 @@
+"""``raytumor data ...``: exit codes, one-line user errors, help texts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from raytumor.cli import app, main
+from raytumor.data.manifest import read_manifest, write_manifest
+from raytumor.errors import RaytumorError
+from tests.conftest import blob_volume, make_dataset, write_nifti
+
+SHAPE = (12, 12, 4)
+WIDE = {"COLUMNS": "250"}  # rich tables must not wrap case ids and reasons
+runner = CliRunner()
+
+DATA_COMMANDS = ["demo", "import-folder", "import-figshare", "import-unlabelled", "validate", "split", "prepare"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "ds", n_per_class=(3, 3, 3), shape=SHAPE)
+
+
+def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real entry point in-process: its exit code, stdout and stderr."""
+    monkeypatch.setattr(sys, "argv", ["raytumor", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", DATA_COMMANDS)
+def test_help_of_each_data_command(command):
+    result = runner.invoke(app, ["data", command, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and command in result.output
+
+
+def test_data_help_lists_commands():
+    result = runner.invoke(app, ["data", "--help"], env=WIDE)
+    assert result.exit_code == 0
+    for command in DATA_COMMANDS:
+        assert command in result.output
+
+
+def test_validate_good_dataset_exits_0(dataset):
+    result = runner.invoke(app, ["data", "validate", str(dataset)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "9 of 9 cases valid" in result.output
+
+
+def test_validate_bad_case_exits_1_and_names_it(dataset):
+    image, _ = blob_volume(SHAPE)
+    image[2, 2, 2] = float("nan")
+    write_nifti(dataset / "images" / "broken.nii.gz", image)
+    manifest = read_manifest(dataset)
+    extra = dict(case_id="broken-case", image="images/broken.nii.gz", mask=None, label=1, label_name="type1",
+                 patient_id=None, split="train", source="test", mask_kind=None)
+    write_manifest(dataset, pd.concat([manifest, pd.DataFrame([extra])], ignore_index=True))
+
+    result = runner.invoke(app, ["data", "validate", str(dataset)], env=WIDE)
+    assert result.exit_code == 1, result.output
+    line = next(line for line in result.output.splitlines() if "broken-case" in line)
+    assert "broken.nii.gz" in line and "1 NaN/Inf voxel(s)" in line
+    assert "9 of 10 cases valid, 1 quarantined" in result.output
+
+
+def test_bad_split_value_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "labels.csv").write_text("case_id,image,label\n")
+    args = ["data", "import-folder", str(tmp_path / "src"), "--labels", str(tmp_path / "labels.csv"),
+            "--out", str(tmp_path / "ds"), "--split", "0.8,0.1"]
+
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, RaytumorError) and "--split" in str(result.exception)
+
+    code, _, err = _run_main(monkeypatch, capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: --split: expected three positive fractions")
+    assert "0.8,0.1" in err and "Traceback" not in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_import_folder_via_cli(tmp_path):
+    src = tmp_path / "src"
+    rows = []
+    for k in range(6):
+        write_nifti(src / f"s{k}.nii.gz", blob_volume(SHAPE, seed=k)[0])
+        rows.append(dict(case_id=f"s{k}", image=f"s{k}.nii.gz", label=k % 2))
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    result = runner.invoke(app, ["data", "import-folder", str(src), "--labels", str(tmp_path / "labels.csv"),
+                                 "--out", str(tmp_path / "ds"), "--rare-classes", "1"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "imported 6 case(s)" in result.output
+    assert len(read_manifest(tmp_path / "ds")) == 6
+
+
+def test_import_unlabelled_twice_is_a_one_line_error(dataset, tmp_path, monkeypatch, capsys):
+    write_nifti(tmp_path / "pool" / "a.nii.gz", blob_volume(SHAPE, seed=5)[0])
+    args = ["data", "import-unlabelled", str(tmp_path / "pool"), "--into", str(dataset)]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0 and "imported 1 case(s)" in result.output
+    code, _, err = _run_main(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and "already in the manifest" in err
+
+
+def test_split_keeps_existing_unless_force(dataset):
+    before = read_manifest(dataset)["split"].tolist()
+    result = runner.invoke(app, ["data", "split", str(dataset), "--seed", "9"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(dataset)["split"].tolist() == before
+    result = runner.invoke(app, ["data", "split", str(dataset), "--seed", "9", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "train" in result.output
+
+
+def test_entry_point_prints_one_error_line_for_a_bad_dataset(tmp_path):
+    missing = tmp_path / "no-such-dataset"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from raytumor.cli import main; main()", "data", "validate", str(missing)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and str(missing) in lines[0]

@@ -1,0 +1,78 @@
+"""Shared fixtures: small synthetic NIfTI datasets and one Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def blob_volume(shape=(20, 20, 6), centre=None, radius=4.0, seed=0):
+    """An image with a brain-like ellipsoid, a bright blob, noise; and the blob's mask."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(float)
+    centre = np.array(centre if centre is not None else [s / 2 for s in shape])
+    brain = (((grid - np.array(shape) / 2) / (np.array(shape) / 2.2)) ** 2).sum(-1) < 1
+    blob = (((grid - centre) / radius) ** 2).sum(-1) < 1
+    image = brain * 100.0 + blob * 80.0 + rng.normal(0, 5, shape)
+    return image.astype(np.float32), blob.astype(np.uint8)
+
+
+def make_dataset(root: Path, n_per_class=(8, 8, 8), shape=(20, 20, 6), unlabelled=0, patients=False) -> Path:
+    """A small labelled dataset in the manifest format with splits assigned."""
+    from raytumor.data.manifest import build_class_table, write_classes, write_manifest
+    from raytumor.data.splits import assign_splits
+
+    rows = []
+    index = 0
+    for label, n in enumerate(n_per_class):
+        for k in range(n):
+            image, mask = blob_volume(shape, radius=2.0 + label * 1.5, seed=index)
+            case = f"c{index:03d}"
+            write_nifti(root / "images" / f"{case}.nii.gz", image)
+            write_nifti(root / "masks" / f"{case}.nii.gz", mask)
+            rows.append(dict(case_id=case, image=f"images/{case}.nii.gz", mask=f"masks/{case}.nii.gz",
+                             label=label, label_name=f"type{label}", patient_id=f"p{index // 2}" if patients else None,
+                             split=None, source="test", mask_kind="ground_truth"))
+            index += 1
+    for k in range(unlabelled):
+        image, _ = blob_volume(shape, seed=1000 + k)
+        case = f"u{k:03d}"
+        write_nifti(root / "unlabelled" / f"{case}.nii.gz", image)
+        rows.append(dict(case_id=case, image=f"unlabelled/{case}.nii.gz", mask=None, label=None, label_name=None,
+                         patient_id=None, split="unlabelled", source="test", mask_kind=None))
+    manifest = assign_splits(pd.DataFrame(rows), seed=0)
+    write_manifest(root, manifest)
+    write_classes(root, build_class_table(manifest))
+    return root
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "ds")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, no dashboard); shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

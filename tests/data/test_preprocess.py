@@ -1,0 +1,130 @@
+"""Preprocessing on Ray Data: shapes, orientation, cache hits, atomicity, quarantine."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from raytumor.data.manifest import read_manifest, write_manifest
+from raytumor.data.preprocess import (
+    META_FILE,
+    PrepareSettings,
+    find_prepared,
+    normalise_intensity,
+    prepare_dataset,
+    preprocess_volume,
+)
+from tests.conftest import blob_volume, make_dataset, write_nifti
+
+pytestmark = pytest.mark.ray
+
+SHAPE = (16, 16, 4)
+
+
+def read_rows(ray, prepared):
+    return ray.data.read_parquet(str(prepared.shards)).to_pandas().set_index("case_id")
+
+
+def test_normalise_is_robust_to_background_and_constant():
+    image = np.zeros((10, 10, 4), dtype=np.float32)
+    image[2:8, 2:8] = np.linspace(50, 150, 36 * 4).reshape(6, 6, 4)
+    out = normalise_intensity(image, 0.5, 99.5)
+    foreground = out[2:8, 2:8]
+    assert abs(float(foreground.mean())) < 1e-4 and abs(float(foreground.std()) - 1) < 1e-3
+    assert np.all(out[0] == out.min())
+    assert np.all(normalise_intensity(np.full((4, 4, 2), 7.0), 0.5, 99.5) == 0)
+
+
+def test_preprocess_volume_shape_dtype_and_binary_mask():
+    image, mask = blob_volume((20, 24, 6), radius=4)
+    out = preprocess_volume(image, mask, PrepareSettings(shape=SHAPE))
+    assert out.shape == (2, *SHAPE) and out.dtype == np.float32
+    assert set(np.unique(out[1])) == {0.0, 1.0}
+    out_no_mask = preprocess_volume(image, None, PrepareSettings(shape=SHAPE))
+    assert not out_no_mask[1].any()
+
+
+def test_prepare_writes_fixed_shape_rows_and_hits_cache(ray_local, tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(5, 5), unlabelled=2)
+    first = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
+    assert not first.cached and first.n_cases == 12 and first.n_quarantined == 0
+    rows = read_rows(ray_local, first)
+    assert len(rows) == 12
+    volume = np.asarray(rows["volume"].iloc[0])
+    assert volume.shape == (2, *SHAPE) and volume.dtype == np.float32
+    assert set(rows.loc[rows["split"] == "unlabelled", "label"]) == {-1}
+    assert not rows.loc[rows["split"] == "unlabelled", "has_mask"].any()
+    assert rows.loc[rows["split"] != "unlabelled", "has_mask"].all()
+    stamp = (first.path / META_FILE).stat().st_mtime_ns
+
+    second = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
+    assert second.cached and second.path == first.path
+    assert (first.path / META_FILE).stat().st_mtime_ns == stamp
+    assert find_prepared(dataset, PrepareSettings(shape=SHAPE)).path == first.path
+    # A changed setting or a changed file is a different cache.
+    assert find_prepared(dataset, PrepareSettings(shape=(8, 8, 4))) is None
+    image_path = dataset / read_manifest(dataset)["image"].iloc[0]
+    write_nifti(image_path, blob_volume((20, 20, 6), seed=99)[0])
+    assert find_prepared(dataset, PrepareSettings(shape=SHAPE)) is None
+
+
+def test_stored_orientation_does_not_change_the_prepared_volume(ray_local, tmp_path):
+    image, mask = blob_volume((20, 20, 6), centre=(6, 12, 2), radius=3)
+    ras = np.eye(4)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:3, 3] = [19, 19, 0]  # voxel (19-i, 19-j, k) of the flipped array is voxel (i, j, k) in world space
+    root = tmp_path / "ds"
+    rows = []
+    for case, affine, flip in (("ras", ras, False), ("lps", lps, True)):
+        img = image[::-1, ::-1] if flip else image
+        msk = mask[::-1, ::-1] if flip else mask
+        write_nifti(root / f"{case}.nii.gz", img, affine)
+        write_nifti(root / f"{case}_mask.nii.gz", msk, affine)
+        rows.append(dict(case_id=case, image=f"{case}.nii.gz", mask=f"{case}_mask.nii.gz", label=0,
+                         split="train", source="test", mask_kind="ground_truth"))
+    write_manifest(root, pd.DataFrame(rows))
+    assert nib.aff2axcodes(nib.load(str(root / "lps.nii.gz")).affine) == ("L", "P", "S")
+    prepared = prepare_dataset(root, PrepareSettings(shape=SHAPE))
+    got = read_rows(ray_local, prepared)
+    np.testing.assert_allclose(np.asarray(got.loc["ras", "volume"]), np.asarray(got.loc["lps", "volume"]), atol=1e-5)
+
+
+def test_bad_cases_are_quarantined_not_dropped(ray_local, tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(4, 4))
+    manifest = read_manifest(dataset)
+    nan_case = manifest["case_id"].iloc[0]
+    bad = np.full((20, 20, 6), np.nan, dtype=np.float32)
+    write_nifti(dataset / manifest["image"].iloc[0], bad)
+    missing_case = manifest["case_id"].iloc[1]
+    (dataset / manifest["mask"].iloc[1]).unlink()
+    prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
+    assert prepared.n_cases == 6 and prepared.n_quarantined == 2
+    quarantine = pd.read_csv(prepared.quarantine).set_index("case_id")
+    assert "NaN/Inf" in quarantine.loc[nan_case, "reason"]
+    assert quarantine.loc[missing_case, "reason"] == "missing file"
+    assert set(read_rows(ray_local, prepared).index).isdisjoint({nan_case, missing_case})
+
+
+def test_interrupted_prepare_leaves_no_complete_looking_cache(ray_local, tmp_path, monkeypatch):
+    import raytumor.data.preprocess as preprocess
+
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3, 3))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess, "write_quarantine", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
+    prepared_root = dataset / preprocess.PREPARED_DIR
+    assert not [p for p in prepared_root.iterdir() if (p / META_FILE).exists()]
+    assert find_prepared(dataset, PrepareSettings(shape=SHAPE)) is None
+    monkeypatch.undo()
+    prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
+    assert prepared.n_cases == 6
+    assert json.loads((prepared.path / META_FILE).read_text())["n_cases"] == 6
+    assert not [p for p in prepared_root.iterdir() if p.name.startswith(".")]
