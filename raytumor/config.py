@@ -35,9 +35,18 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    encoder: str = "paper"
-    width: int = Field(8, ge=1, le=256, description="Base channels of the encoder (the paper's size is width 32).")
+    encoder: str = "paper_cnn"
+    width: float = Field(0.25, gt=0, le=8, description="Channel multiplier of the encoder (1.0 = the paper's ~6.9M parameters).")
     embedding_dim: int = Field(6, ge=1, le=4096)
+
+    @field_validator("encoder")
+    @classmethod
+    def _registered(cls, value):
+        from raytumor.models import list_encoders
+
+        if value not in list_encoders():
+            raise ValueError(f"unknown encoder {value!r}; registered: {', '.join(list_encoders())}")
+        return value
 
 
 class PretrainConfig(_Strict):
@@ -70,6 +79,7 @@ class ResourcesConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0, description="Worker crashes tolerated; each restarts from the last checkpoint.")
 
 
 class RunConfig(_Strict):

@@ -27,8 +27,10 @@ Design choices:
   by half a voxel when upsampling) is avoided. The mask stays exactly {0, 1}.
 - Noise is added after the crop-and-resize, so ``noise_std`` is the standard deviation the
   network sees (upsampling noise first would blur it by an amount that depends on the crop).
-- Padding outside the rotated field of view is zero, the background of a normalised,
-  skull-stripped MRI and of a mask.
+- Outside the rotated field of view the image repeats its border ("border" padding) and the
+  mask is zero. Preprocessing z-scores over the foreground, so an image's background is its
+  lowest value, not 0: zero padding would paint brighter-than-background corners; the volume's
+  edge is background, and repeating it keeps the corners background.
 - Each random transform owns its RNG; the chain is re-seeded on every call, so a result is a
   pure function of ``(volume, seed, config)``. Per-copy seeds come from a stable hash of
   ``(base_seed, case_key, k)``, never Python's salted ``hash()``, so they do not depend on the
@@ -136,7 +138,7 @@ def rare_case_transform(
                 prob=config.rotate_prob,
                 keep_size=True,
                 mode="bilinear",
-                padding_mode="zeros",
+                padding_mode=("border", "zeros"),  # per key: image, mask
                 dtype=np.float32,
             )
         )

@@ -1,5 +1,8 @@
 """Batch-Hard and Batch-All triplet losses (Hermans, Beyer & Leibe 2017, paper eqs. 1-2).
 
+The paper prints eqs. 1-2 as plain sums without the hinge ``max(0, .)`` or an average; it
+says it uses the losses "as implemented by [12]", so we follow Hermans et al.: hinged,
+Batch-Hard averaged over anchors, Batch-All averaged over the triplets that are still active.
 Pure torch over a full pairwise Euclidean distance matrix. Shapes: ``embeddings`` is
 ``(N, D)``, ``labels`` is ``(N,)`` integer; every loss returns a scalar tensor.
 """

@@ -191,6 +191,19 @@ def test_rotation_is_in_the_xy_plane():
     assert changed
 
 
+def test_rotation_fills_corners_with_the_background_not_zero():
+    # Preprocessing z-scores over the foreground, so the background is negative, not 0.
+    volume = np.full((2, 24, 24, 3), -1.5, np.float32)
+    volume[0, 8:16, 8:16] = 2.0
+    volume[1] = 0.0
+    volume[1, 8:16, 8:16] = 1.0
+    config = AugmentConfig(rotate_degrees=45, flip_prob=0, noise_std=0, crop_min_fraction=1.0)
+    out = augment_volume(volume, seed=0, config=config)
+    assert out[0, 0, 0, 0] == pytest.approx(-1.5) and out[0, -1, -1, 0] == pytest.approx(-1.5)
+    assert out[0].min() >= -1.5 - 1e-5
+    assert out[1, 0, 0, 0] == 0.0
+
+
 def test_monai_3d_range_z_is_the_xy_plane():
     """Pins the MONAI convention the module's docstring relies on: range_* turns *about* an axis."""
     volume = np.zeros((1, 9, 9, 5), np.float32)

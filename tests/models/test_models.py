@@ -122,8 +122,7 @@ def test_every_encoder_forward_backward(name):
     assert isinstance(model, EmbeddingModel)
     features = model.backbone(torch.randn(SMALL))
     assert features.shape == (2, model.backbone.feature_dim)
-
-    out = model(torch.randn(SMALL))
+    out = model.head(features)  # == model(x), without a second backbone pass
     assert out.shape == (2, 6)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
@@ -136,8 +135,9 @@ def test_every_encoder_forward_backward(name):
 
 @pytest.mark.parametrize("name", ENCODERS)
 def test_every_encoder_takes_depth_one_input(name):
-    model = build_model(name, width=TINY_WIDTH)
-    out = model(torch.randn(2, 2, 16, 16, 1))
+    model = build_model(name, width=TINY_WIDTH).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 2, 16, 16, 1))
     assert out.shape == (2, 6)
     assert torch.isfinite(out).all()
 

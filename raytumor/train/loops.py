@@ -1,0 +1,259 @@
+"""The Ray Train per-worker loops: the only training code that touches ``ray.train``.
+
+Each epoch ends with one ``ray.train.report`` carrying a checkpoint (model, optimiser,
+epoch, sampler RNG state, history, best model so far), so a crash costs at most one epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_MODEL_FILE = "best_model.pt"
+BACKBONE_FILE = "backbone.pt"
+SELECTION_METRIC = "val_recall_macro"
+
+
+def _context():
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _load_state(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _report(metrics: dict, rank: int, files: dict[str, dict]) -> None:
+    """Report from every rank (a barrier); rank 0 attaches a checkpoint holding ``files``."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            for name, payload in files.items():
+                torch.save(payload, Path(directory) / name)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
+    """Fault injection for the recovery test: hard-exit one worker once at a given epoch."""
+    crash = loop_config.get("crash_once")
+    if crash and rank == crash["rank"] and epoch == crash["epoch"]:
+        marker = Path(crash["marker"])
+        if not marker.exists():
+            marker.write_text("crashed")
+            os._exit(1)
+
+
+def _progress(rank: int, total: int, start: int, description: str):
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=description, unit="epoch")
+    if start:
+        bar.update(start)
+    return bar
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Final training: class-balanced P x K batches, triplet / CE / interval loss, KNN validation."""
+    import ray.train
+    import ray.train.torch
+
+    from raytumor.config import RunConfig
+    from raytumor.losses import get_loss
+    from raytumor.models import build_model, load_backbone_weights
+    from raytumor.train.datasets import load_arrays
+    from raytumor.train.sampler import PKBatchSampler
+    from raytumor.train.steps import eval_step, to_device, train_step
+
+    config = RunConfig.model_validate(loop_config["config"])
+    train_cfg = config.train
+    rank, world, device = _context()
+    torch.manual_seed(config.seed * 1000 + rank)
+
+    volumes, labels = load_arrays(ray.train.get_dataset_shard("train"))
+    if rank == 0:
+        reference = load_arrays(ray.train.get_dataset_shard("reference"))
+        val = load_arrays(ray.train.get_dataset_shard("val"))
+
+    is_triplet = train_cfg.loss in ("batch_hard", "batch_all")
+    model = build_model(
+        config.model.encoder,
+        in_channels=2,
+        embedding_dim=config.model.embedding_dim if is_triplet else loop_config["num_classes"],
+        normalize=is_triplet,
+        width=config.model.width,
+    )
+    if loop_config.get("pretrained_backbone"):
+        state = torch.load(loop_config["pretrained_backbone"], map_location="cpu", weights_only=True)
+        load_backbone_weights(model, state)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    model = ray.train.torch.prepare_model(model)
+    if train_cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=0.9, weight_decay=train_cfg.weight_decay)
+    loss_kwargs = {"margin": train_cfg.margin} if train_cfg.loss != "cross_entropy" else {}
+    loss_fn = get_loss(train_cfg.loss, **loss_kwargs)
+    sampler = PKBatchSampler(labels, train_cfg.batch_size, train_cfg.samples_per_class,
+                             seed=config.seed * 1000 + rank, steps=loop_config["steps_per_epoch"])
+
+    start_epoch, best, best_epoch, history, best_model = 0, -math.inf, 0, [], None
+    state = _load_state(ray.train.get_checkpoint())
+    if state is not None:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state(state["sampler"][rank] if rank < len(state["sampler"]) else state["sampler"][0])
+        start_epoch, best, best_epoch, history = state["epoch"], state["best"], state["best_epoch"], state["history"]
+        best_model = state["best_model"]
+
+    bar = _progress(rank, train_cfg.epochs, start_epoch, f"train {config.name}")
+    for epoch in range(start_epoch, train_cfg.epochs):
+        _maybe_crash(loop_config, epoch, rank)
+        started, waited = time.perf_counter(), 0.0
+        total = torch.zeros((), device=device)
+        for indices in sampler:
+            tick = time.perf_counter()
+            x = to_device(volumes[indices], device)
+            y = torch.from_numpy(labels[indices]).to(device)
+            waited += time.perf_counter() - tick
+            total += train_step(model, x, y, loss_fn, optimizer)
+        seconds = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": float(total.item()) / len(sampler),
+            "samples_per_s": len(sampler) * len(indices) * world / seconds,
+            "data_wait_fraction": waited / seconds,
+        }
+        if rank == 0:
+            scores = eval_step(model, reference, val, device, k=train_cfg.knn_k, rare_classes=loop_config["rare_classes"])
+            metrics.update({f"val_{key}": value for key, value in scores.items()})
+            if metrics[SELECTION_METRIC] > best:
+                best, best_epoch = metrics[SELECTION_METRIC], epoch + 1
+                best_model = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            metrics.update({"best_" + SELECTION_METRIC: best, "best_epoch": best_epoch})
+            history.append(metrics)
+            if bar is not None:
+                bar.set_description(f"train {config.name} loss {metrics['loss']:.4f} "
+                                    f"val Recall_M {metrics[SELECTION_METRIC]:.3f} {metrics['samples_per_s']:.0f} samples/s")
+                bar.update(1)
+        files = {}
+        if rank == 0:
+            files[CHECKPOINT_FILE] = {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": [sampler.state()],
+                "epoch": epoch + 1,
+                "best": best,
+                "best_epoch": best_epoch,
+                "history": history,
+                "best_model": best_model,
+                "config": loop_config["config"],
+            }
+            files[BEST_MODEL_FILE] = {"model": best_model, "config": loop_config["config"], "epoch": best_epoch,
+                                      "num_classes": loop_config["num_classes"], SELECTION_METRIC: best}
+        _report(metrics, rank, files)
+    if bar is not None:
+        bar.close()
+
+
+def pretrain_loop_per_worker(loop_config: dict) -> None:
+    """Contrastive pre-training: two augmented views per volume, NT-Xent or triplet loss, SGD."""
+    import ray.train
+    import ray.train.torch
+
+    from raytumor.config import RunConfig
+    from raytumor.data.augment import two_view_batch
+    from raytumor.losses import get_contrastive_loss
+    from raytumor.models import build_contrastive_model
+    from raytumor.train.datasets import load_arrays
+    from raytumor.train.sampler import ShuffledBatchSampler
+    from raytumor.train.steps import pretrain_step, to_device
+
+    config = RunConfig.model_validate(loop_config["config"])
+    pre = config.pretrain
+    rank, world, device = _context()
+    torch.manual_seed(config.seed * 1000 + rank)
+    volumes, _ = load_arrays(ray.train.get_dataset_shard("train"))
+
+    model = build_contrastive_model(config.model.encoder, in_channels=2, width=config.model.width,
+                                    projection_dim=pre.projection_dim)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=pre.lr, momentum=pre.momentum)
+    loss_kwargs = {"temperature": pre.temperature} if pre.loss == "ntxent" else {"margin": pre.margin}
+    loss_fn = get_contrastive_loss(pre.loss, **loss_kwargs)
+    sampler = ShuffledBatchSampler(len(volumes), pre.batch_size, seed=config.seed * 1000 + rank,
+                                   steps=loop_config["steps_per_epoch"])
+    view_rng = np.random.default_rng([config.seed, rank, 7])
+
+    start_epoch, history = 0, []
+    state = _load_state(ray.train.get_checkpoint())
+    if state is not None:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state(state["sampler"][0])
+        view_rng.bit_generator.state = state["view_rng"]
+        start_epoch, history = state["epoch"], state["history"]
+
+    bar = _progress(rank, pre.epochs, start_epoch, f"pretrain {config.name}")
+    for epoch in range(start_epoch, pre.epochs):
+        _maybe_crash(loop_config, epoch, rank)
+        started, waited = time.perf_counter(), 0.0
+        total = torch.zeros((), device=device)
+        for indices in sampler:
+            tick = time.perf_counter()
+            view1, view2 = two_view_batch(volumes[indices], int(view_rng.integers(2**31)))
+            x1, x2 = to_device(view1, device), to_device(view2, device)
+            waited += time.perf_counter() - tick
+            total += pretrain_step(model, x1, x2, loss_fn, optimizer)
+        seconds = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch + 1,
+            "pretrain_loss": float(total.item()) / len(sampler),
+            "samples_per_s": len(sampler) * len(indices) * world / seconds,
+            "data_wait_fraction": waited / seconds,
+        }
+        history.append(metrics)
+        if bar is not None:
+            bar.set_description(f"pretrain {config.name} loss {metrics['pretrain_loss']:.4f} "
+                                f"{metrics['samples_per_s']:.0f} samples/s")
+            bar.update(1)
+        files = {}
+        if rank == 0:
+            backbone = {k: v.detach().cpu() for k, v in _unwrap(model).backbone.state_dict().items()}
+            files[CHECKPOINT_FILE] = {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": [sampler.state()],
+                "view_rng": view_rng.bit_generator.state,
+                "epoch": epoch + 1,
+                "history": history,
+                "config": loop_config["config"],
+            }
+            files[BACKBONE_FILE] = backbone
+        _report(metrics, rank, files)
+    if bar is not None:
+        bar.close()

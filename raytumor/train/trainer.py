@@ -1,0 +1,213 @@
+"""One function builds a Ray ``TorchTrainer`` from a config; ``train``, ``train --best`` and
+every sweep trial call it. ``run_training`` runs pre-training (when enabled) then training,
+and exports the run directory ``raytumor evaluate`` reads.
+
+Run directory ``<output_dir>/<name>/``::
+
+    config.yaml          the resolved config
+    pretrain/, train/    Ray Train storage (checkpoints per epoch)
+    pretrain_backbone.pt pre-trained backbone weights (when pre-training ran)
+    best_model.pt        weights with the best validation Recall_M, with its config
+    metrics.csv          one row per epoch
+    summary.json         best epoch and its validation metrics
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import pandas as pd
+import torch
+
+from raytumor.config import RunConfig, dump_config
+from raytumor.errors import RaytumorError
+from raytumor.storage import atomic_path, atomic_write_text
+from raytumor.train.datasets import StageInputs, pretraining_inputs, training_inputs
+from raytumor.train.loops import (
+    BACKBONE_FILE,
+    BEST_MODEL_FILE,
+    CHECKPOINT_FILE,
+    SELECTION_METRIC,
+    pretrain_loop_per_worker,
+    train_loop_per_worker,
+)
+
+Stage = Literal["pretrain", "train"]
+PRETRAINED_BACKBONE_FILE = "pretrain_backbone.pt"
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    run_dir: Path
+    best_epoch: int
+    best_metrics: dict
+
+
+def use_gpu(config: RunConfig) -> bool:
+    if config.resources.use_gpu == "auto":
+        import ray
+
+        return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+    return bool(config.resources.use_gpu)
+
+
+def build_trainer(
+    config: RunConfig,
+    stage: Stage,
+    run_dir: Path,
+    inputs: StageInputs,
+    *,
+    pretrained_backbone: str | None = None,
+    callbacks: Sequence = (),
+    extra_loop_config: dict | None = None,
+):
+    """A ``TorchTrainer`` for ``stage`` of ``config``; its storage is ``run_dir/<stage>``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    workers = config.resources.num_workers
+    batch = config.pretrain.batch_size if stage == "pretrain" else config.train.batch_size
+    rows_per_worker = inputs.n_train_rows / workers
+    steps = max(1, math.ceil(rows_per_worker / batch))
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "num_classes": inputs.num_classes,
+        "rare_classes": list(inputs.rare_classes),
+        "steps_per_epoch": steps,
+        "pretrained_backbone": pretrained_backbone,
+        **(extra_loop_config or {}),
+    }
+    gpu = use_gpu(config)
+    return TorchTrainer(
+        pretrain_loop_per_worker if stage == "pretrain" else train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": config.resources.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=stage,
+            storage_path=str(run_dir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=config.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+        datasets=inputs.datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _fit(trainer) -> dict:
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray has printed the worker traceback already
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise RaytumorError(f"training failed: {lines[-1] if lines else type(exc).__name__}") from None
+    if result.checkpoint is None:
+        raise RaytumorError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.suffix == ".pt"}
+    return files
+
+
+def _copy_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
+    run_dir = Path(config.output_dir) / config.name
+    if run_dir.exists() and not resume:
+        raise RaytumorError(f"{run_dir}: run exists; use --resume to continue it or --name for a new run")
+    if resume and not run_dir.exists():
+        raise RaytumorError(f"{run_dir}: no run to resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file():
+        if saved.read_text() != dump_config(config):
+            raise RaytumorError(f"{saved}: the run was started with a different config; resume with the same one")
+    atomic_write_text(saved, dump_config(config))
+    return run_dir
+
+
+def run_pretraining(config: RunConfig, run_dir: Path, *, callbacks: Sequence = (), extra_loop_config=None) -> Path:
+    """Contrastive pre-training into ``run_dir``; returns the backbone weights file (reused if done)."""
+    target = run_dir / PRETRAINED_BACKBONE_FILE
+    if target.is_file():
+        return target
+    inputs = pretraining_inputs(config)
+    files = _fit(build_trainer(config, "pretrain", run_dir, inputs, callbacks=callbacks,
+                               extra_loop_config=extra_loop_config))
+    state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
+    pd.DataFrame(state["history"]).to_csv(run_dir / "pretrain_metrics.csv", index=False)
+    _copy_bytes(target, files[BACKBONE_FILE])
+    return target
+
+
+def _tmp_file(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def resolve_pretrained(path: str) -> str:
+    """A pre-training run directory or a backbone file -> the backbone weights file."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / PRETRAINED_BACKBONE_FILE
+    if not candidate.is_file():
+        raise RaytumorError(f"train.pretrained: {path}: no pre-trained backbone found (expected {PRETRAINED_BACKBONE_FILE})")
+    return str(candidate.resolve())
+
+
+def run_training(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    stages: Sequence[Stage] = ("pretrain", "train"),
+    callbacks: Sequence = (),
+    extra_loop_config: dict | None = None,
+) -> TrainingResult:
+    """Pre-train (when ``config.pretrain.enabled``), then train; export the run directory."""
+    run_dir = prepare_run_dir(config, resume=resume)
+    backbone = resolve_pretrained(config.train.pretrained) if config.train.pretrained else None
+    if config.pretrain.enabled and "pretrain" in stages:
+        backbone = str(run_pretraining(config, run_dir, extra_loop_config=extra_loop_config).resolve())
+    if "train" not in stages:
+        return TrainingResult(run_dir, 0, {})
+    inputs = training_inputs(config)
+    files = _fit(build_trainer(config, "train", run_dir, inputs, pretrained_backbone=backbone, callbacks=callbacks,
+                               extra_loop_config=extra_loop_config))
+    state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
+    history = pd.DataFrame(state["history"])
+    history.to_csv(run_dir / "metrics.csv", index=False)
+    _copy_bytes(run_dir / BEST_MODEL_FILE, files[BEST_MODEL_FILE])
+    best_row = history.loc[history["epoch"] == state["best_epoch"]].iloc[0].to_dict() if len(history) else {}
+    summary = {"best_epoch": int(state["best_epoch"]), "selection_metric": SELECTION_METRIC,
+               "best_metrics": {k: float(v) for k, v in best_row.items()}, "pretrained_backbone": backbone}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return TrainingResult(run_dir, int(state["best_epoch"]), summary["best_metrics"])
+
+
+def load_best_model(run_dir: str | Path):
+    """The best model of a run (weights loaded with ``weights_only=True``) and its config."""
+    from raytumor.models import build_model
+
+    path = Path(run_dir) / BEST_MODEL_FILE
+    if not path.is_file():
+        raise RaytumorError(f"{path}: missing; is {run_dir} a finished training run?")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    config = RunConfig.model_validate(payload["config"])
+    triplet = config.train.loss in ("batch_hard", "batch_all")
+    model = build_model(config.model.encoder, in_channels=2,
+                        embedding_dim=config.model.embedding_dim if triplet else payload["num_classes"],
+                        normalize=triplet, width=config.model.width)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return model, config
+
+
+__all__ = ["build_trainer", "run_training", "run_pretraining", "load_best_model", "TrainingResult"]
