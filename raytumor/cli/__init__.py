@@ -10,7 +10,9 @@ import sys
 import typer
 
 from raytumor.cli import data as data_cli
+from raytumor.cli import masks as masks_cli
 from raytumor.cli import pipeline
+from raytumor.cli import train as train_cli
 
 app = typer.Typer(
     name="raytumor",
@@ -20,7 +22,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_cli.app, name="data")
+app.add_typer(masks_cli.app, name="masks")
 app.command("demo")(pipeline.demo)
+app.command("pretrain")(train_cli.pretrain)
+app.command("train")(train_cli.train)
 
 
 def main() -> None:

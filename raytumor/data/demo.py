@@ -13,8 +13,9 @@ Random parameters are sampled first (:func:`sample_case`), then rendered determi
 (:func:`render_case`); each case has its own generator ``np.random.default_rng([seed, index])``.
 Geometry is defined in millimetres, so one case looks the same at any ``shape``.
 
-Measured on 2 CPU cores (one used): about 140 cases/s at ``(32, 32, 8)`` and about 40 cases/s
-at ``(64, 64, 16)``, files included, plus ~2 s once per call to load the template.
+Speed, files included, one process on a shared 2-core machine: 50-95 cases/s at
+``(32, 32, 8)`` (1-2 s per hundred cases) and ~20 cases/s at ``(64, 64, 16)``, plus 1-3 s
+once per call to import nilearn and load and resample the template.
 """
 
 from __future__ import annotations
@@ -354,7 +355,9 @@ def sample_case(tumour_class: TumourClass, fov_mm: np.ndarray, rng: np.random.Ge
         texture_amplitude=texture_amplitude,
         oedema_extent=float(oedema_extent),
         oedema_outline=random_smooth_field(rng, channels=1, components=10, wavelength_mm=radius_mm, amplitude=1.0),
-        bias=random_smooth_field(rng, channels=1, components=6, wavelength_mm=220.0, amplitude=float(rng.uniform(0.05, 0.2))),
+        bias=random_smooth_field(
+            rng, channels=1, components=6, wavelength_mm=220.0, amplitude=float(rng.uniform(0.05, 0.2))
+        ),
         gamma=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
         noise_sigma=float(rng.uniform(0.01, 0.04)),
         scale=float(rng.uniform(600.0, 1200.0)),
@@ -527,13 +530,17 @@ def make_demo_dataset(
     out_dir = Path(out_dir)
     _check_target(out_dir)
 
-    counts = demo_split_counts(scale)
+    table = load_table1()
+    counts = demo_split_counts(scale, table)
     classes = demo_classes(len(counts))
     plan: list[tuple[str, int | None]] = [
-        (split, int(row["class"])) for _, row in counts.iterrows() for split in LABELLED_SPLITS for _ in range(int(row[split]))
+        (split, int(row["class"]))
+        for _, row in counts.iterrows()
+        for split in LABELLED_SPLITS
+        for _ in range(int(row[split]))
     ]
     plan += [("unlabelled", None)] * unlabelled
-    totals = counts[list(LABELLED_SPLITS)].sum(axis=1).to_numpy(dtype=float)
+    totals = table[list(LABELLED_SPLITS)].sum(axis=1).to_numpy(dtype=float)
     class_probabilities = totals / totals.sum()
     anatomy = load_anatomy(shape)
 
@@ -547,7 +554,8 @@ def make_demo_dataset(
             image, mask = render_case(params, anatomy)
             affine = anatomy.affine
             if params.non_ras:
-                (image, affine), (mask, _) = to_lps(image, anatomy.affine), to_lps(mask, anatomy.affine)
+                image, affine = to_lps(image, anatomy.affine)
+                mask, _ = to_lps(mask, anatomy.affine)
             case_id = f"demo-{index:05d}"
             image_path = f"{IMAGES_DIR}/{case_id}.nii.gz"
             _write_nifti(tmp / image_path, image, affine)

@@ -40,7 +40,7 @@ def augment_rows_batch(batch: dict[str, np.ndarray], n: int, seed: int, config: 
     """
     out: dict[str, list] = {key: [] for key in batch}
     for i, case_id in enumerate(batch["case_id"]):
-        copies = augment_case(batch["volume"][i], n, seed, str(case_id), config)
+        copies = augment_case(np.array(batch["volume"][i]), n, seed, str(case_id), config)
         for k, volume in enumerate(copies):
             for key in batch:
                 out[key].append(batch[key][i])
