@@ -68,6 +68,7 @@ def augment_rare_cases(
 ) -> AugmentedRows:
     """Write ``n`` augmented copies of each rare-class training case as Parquet shards (cached)."""
     import ray
+    from ray.data.expressions import col
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -77,7 +78,7 @@ def augment_rare_cases(
         meta = json.loads((target / META_FILE).read_text())
         return AugmentedRows(target, meta["n_source_cases"], meta["n_rows"], cached=True)
     source = ray.data.read_parquet(str(prepared.shards)).filter(
-        lambda row: row["split"] == "train" and int(row["label"]) in set(rare)
+        expr=(col("split") == "train") & col("label").is_in(rare)
     )
     with atomic_path(target) as tmp:
         tmp.mkdir(parents=True)

@@ -30,8 +30,9 @@ def ensure_prepared(config: RunConfig) -> PreparedDataset:
 
 
 def _split(ds, *splits: str):
-    wanted = set(splits)
-    return ds.filter(lambda row: row["split"] in wanted)
+    from ray.data.expressions import col
+
+    return ds.filter(expr=col("split").is_in(list(splits)))
 
 
 def training_inputs(config: RunConfig) -> StageInputs:

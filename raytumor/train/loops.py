@@ -119,14 +119,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sampler = PKBatchSampler(labels, train_cfg.batch_size, train_cfg.samples_per_class,
                              seed=config.seed * 1000 + rank, steps=loop_config["steps_per_epoch"])
 
-    start_epoch, best, best_epoch, history, best_model = 0, -math.inf, 0, [], None
+    start_epoch, best, best_epoch, history, best_model, restarts = 0, -math.inf, 0, [], None, 0
     state = _load_state(ray.train.get_checkpoint())
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state(state["sampler"][rank] if rank < len(state["sampler"]) else state["sampler"][0])
         start_epoch, best, best_epoch, history = state["epoch"], state["best"], state["best_epoch"], state["history"]
-        best_model = state["best_model"]
+        best_model, restarts = state["best_model"], state["restarts"] + 1
 
     bar = _progress(rank, train_cfg.epochs, start_epoch, f"train {config.name}")
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -169,6 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "best_epoch": best_epoch,
                 "history": history,
                 "best_model": best_model,
+                "restarts": restarts,
                 "config": loop_config["config"],
             }
             files[BEST_MODEL_FILE] = {"model": best_model, "config": loop_config["config"], "epoch": best_epoch,
@@ -209,14 +210,14 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
                                    steps=loop_config["steps_per_epoch"])
     view_rng = np.random.default_rng([config.seed, rank, 7])
 
-    start_epoch, history = 0, []
+    start_epoch, history, restarts = 0, [], 0
     state = _load_state(ray.train.get_checkpoint())
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state(state["sampler"][0])
         view_rng.bit_generator.state = state["view_rng"]
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history, restarts = state["epoch"], state["history"], state["restarts"] + 1
 
     bar = _progress(rank, pre.epochs, start_epoch, f"pretrain {config.name}")
     for epoch in range(start_epoch, pre.epochs):
@@ -251,6 +252,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
                 "view_rng": view_rng.bit_generator.state,
                 "epoch": epoch + 1,
                 "history": history,
+                "restarts": restarts,
                 "config": loop_config["config"],
             }
             files[BACKBONE_FILE] = backbone

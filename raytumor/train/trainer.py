@@ -187,6 +187,7 @@ def run_training(
     _copy_bytes(run_dir / BEST_MODEL_FILE, files[BEST_MODEL_FILE])
     best_row = history.loc[history["epoch"] == state["best_epoch"]].iloc[0].to_dict() if len(history) else {}
     summary = {"best_epoch": int(state["best_epoch"]), "selection_metric": SELECTION_METRIC,
+               "epochs": int(state["epoch"]), "restarts_from_checkpoint": int(state["restarts"]),
                "best_metrics": {k: float(v) for k, v in best_row.items()}, "pretrained_backbone": backbone}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return TrainingResult(run_dir, int(state["best_epoch"]), summary["best_metrics"])

@@ -1,0 +1,78 @@
+"""Ray Train runs on tiny data: 2 CPU workers, crash recovery, pre-training -> training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raytumor.config import load_config
+from raytumor.train.trainer import BEST_MODEL_FILE, PRETRAINED_BACKBONE_FILE, load_best_model, run_training
+from tests.conftest import make_dataset
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("train") / "ds", n_per_class=(10, 10, 10), unlabelled=6)
+
+
+def config_for(dataset, output_dir, name, *extra):
+    return load_config(overrides=[
+        f"data.dataset={dataset}", "data.shape=[16,16,4]", f"output_dir={output_dir}", f"name={name}",
+        "model.width=0.25", "train.batch_size=9", "train.loss=batch_all", "train.margin=0.5", "train.lr=0.003",
+        "pretrain.batch_size=8", *extra,
+    ])
+
+
+def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_dataset, tmp_path):
+    config = config_for(tiny_dataset, tmp_path, "two", "train.epochs=6", "resources.num_workers=2",
+                        "resources.cpus_per_worker=0.5")
+    marker = tmp_path / "crashed"
+    result = run_training(config, extra_loop_config={"crash_once": {"rank": 1, "epoch": 3, "marker": str(marker)}})
+    assert marker.exists()  # the worker really died once
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["restarts_from_checkpoint"] == 1 and summary["epochs"] == 6
+    history = pd.read_csv(result.run_dir / "metrics.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # resumed after epoch 3, nothing repeated or lost
+    assert history["loss"].iloc[-2:].min() < history["loss"].iloc[0]
+    assert history["val_recall_macro"].max() > 0.5  # three blob sizes: chance is 1/3
+    model, saved = load_best_model(result.run_dir)
+    assert saved.resources.num_workers == 2
+    best_epoch = int(history["val_recall_macro"].idxmax()) + 1
+    assert summary["best_epoch"] == best_epoch
+
+
+def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
+    pre = config_for(tiny_dataset, tmp_path, "pre", "pretrain.enabled=true", "pretrain.epochs=1",
+                     "pretrain.loss=ntxent")
+    run_training(pre, stages=("pretrain",))
+    backbone = torch.load(tmp_path / "pre" / PRETRAINED_BACKBONE_FILE, weights_only=True)
+
+    # Adam with a vanishing learning rate: after one epoch the weights are still the pre-trained ones.
+    tuned = config_for(tiny_dataset, tmp_path, "tuned", "train.epochs=1", "train.lr=1e-12",
+                       f"train.pretrained={tmp_path / 'pre'}")
+    run_training(tuned)
+    model, _ = load_best_model(tmp_path / "tuned")
+    conv = [k for k in backbone if k.endswith("weight") and backbone[k].dim() == 5][0]
+    torch.testing.assert_close(model.backbone.state_dict()[conv], backbone[conv], atol=1e-6, rtol=0)
+
+    fresh = config_for(tiny_dataset, tmp_path, "fresh", "train.epochs=1", "train.lr=1e-12")
+    run_training(fresh)
+    other, _ = load_best_model(tmp_path / "fresh")
+    assert not torch.allclose(other.backbone.state_dict()[conv], backbone[conv])
+    assert (tmp_path / "fresh" / BEST_MODEL_FILE).is_file()
+
+
+def test_existing_run_needs_resume(ray_local, tiny_dataset, tmp_path):
+    from raytumor.errors import RaytumorError
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(RaytumorError, match="--resume"):
+        run_training(config_for(tiny_dataset, tmp_path, "taken"))
+    with pytest.raises(RaytumorError, match="no run to resume"):
+        run_training(config_for(tiny_dataset, tmp_path, "absent"), resume=True)
