@@ -16,7 +16,7 @@ def ray_session(
     *,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    dashboard: bool = False,
+    dashboard: bool = True,
     dashboard_port: int | None = None,
     announce: bool = True,
 ) -> Iterator[None]:
@@ -24,6 +24,8 @@ def ray_session(
 
     An embedded instance binds its dashboard to 127.0.0.1 only and is shut down on exit; a
     Ray that was already initialised (tests share one) or a remote cluster is left running.
+    The dashboard also serves Ray's state API, which Ray Train uses to clean up after a
+    trial that Tune stopped; ``dashboard=False`` saves a little start-up time elsewhere.
     """
     import ray
 

@@ -68,11 +68,16 @@ def small_dataset(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs, no dashboard); shut down at the end."""
+    """One local Ray for the whole session (2 CPUs); shut down at the end.
+
+    The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
+    cleaner needs when Tune stops a trial mid-run.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
+                 log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -10,8 +10,10 @@ import sys
 import typer
 
 from raytumor.cli import data as data_cli
+from raytumor.cli import evaluate as evaluate_cli
 from raytumor.cli import masks as masks_cli
 from raytumor.cli import pipeline
+from raytumor.cli import sweep as sweep_cli
 from raytumor.cli import train as train_cli
 
 app = typer.Typer(
@@ -26,6 +28,10 @@ app.add_typer(masks_cli.app, name="masks")
 app.command("demo")(pipeline.demo)
 app.command("pretrain")(train_cli.pretrain)
 app.command("train")(train_cli.train)
+app.command("sweep")(sweep_cli.sweep)
+app.command("evaluate")(evaluate_cli.evaluate)
+app.add_typer(evaluate_cli.index_app, name="index")
+app.command("search")(evaluate_cli.search)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ def demo(
     augment_n: int = typer.Option(5, help="Augmented copies per rare-class training case."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded Ray."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the embedded Ray (default: all)."),
-    dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard", help="Start the Ray dashboard on 127.0.0.1."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray)."),
 ) -> None:
     """Run the main job on demo data: generate -> validate -> prepare (Ray Data) -> rare-case augmentation."""
     from rich.console import Console

@@ -13,7 +13,7 @@ NameOpt = typer.Option(None, "--name", help="Run name (directory under output_di
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 AddressOpt = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: an embedded Ray.")
 CpusOpt = typer.Option(None, help="CPUs for the embedded Ray (default: all).")
-DashboardOpt = typer.Option(False, "--dashboard/--no-dashboard", help="Start the Ray dashboard on 127.0.0.1.")
+DashboardOpt = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray).")
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]], name: Optional[str], extra: list[str]):
@@ -61,6 +61,9 @@ def train(
     overrides: Optional[List[str]] = SetOpt,
     name: Optional[str] = NameOpt,
     resume: bool = ResumeOpt,
+    best: bool = typer.Option(False, "--best", help="Train the best config of the latest (or --from) sweep."),
+    from_experiment: Optional[str] = typer.Option(None, "--from", help="Sweep experiment (name under results/ or path)."),
+    results_dir: str = typer.Option("results", help="Where sweeps live (for --best)."),
     address: Optional[str] = AddressOpt,
     num_cpus: Optional[int] = CpusOpt,
     dashboard: bool = DashboardOpt,
@@ -73,7 +76,22 @@ def train(
     from raytumor.runtime import ray_session
     from raytumor.train.trainer import run_training
 
+    experiment = None
+    if best or from_experiment:
+        from raytumor.errors import ConfigError
+        from raytumor.sweep.run import BEST_FILE, resolve_experiment
+
+        if config is not None:
+            raise ConfigError("--best takes the config of the sweep's winner; do not pass --config too")
+        experiment = resolve_experiment(from_experiment, results_dir)
+        config = experiment / BEST_FILE
+        typer.echo(f"training the best config of sweep {experiment.name}: {config}")
     run_config = _load(config, overrides, name, [])
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_training(run_config, resume=resume)
+        result = run_training(run_config, resume=resume,
+                              pretrain_cache=(experiment / "pretrain_cache") if experiment else None)
+    if experiment is not None:
+        from raytumor.sweep.run import record_best_run
+
+        record_best_run(results_dir, result.run_dir)
     _print_result(result, "training")

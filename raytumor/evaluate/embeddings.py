@@ -105,7 +105,9 @@ def volumes_from_arrow(column: pa.Array | pa.ChunkedArray, shape: Sequence[int])
     expected = len(array) * int(np.prod(shape))
     if flat.size != expected:
         raise DatasetError(f"volume column holds {flat.size} values for {len(array)} rows of shape {tuple(shape)}")
-    return flat.astype(np.float32, copy=False).reshape(len(array), *shape)
+    volumes = flat.astype(np.float32, copy=False).reshape(len(array), *shape)
+    # Zero-copy Arrow buffers are read-only; torch.from_numpy wants writable memory.
+    return volumes if volumes.flags.writeable else volumes.copy()
 
 
 def _scan(prepared: PreparedDataset, columns: Sequence[str], filter_expr, batch_rows: int):

@@ -35,46 +35,62 @@ def _split(ds, *splits: str):
     return ds.filter(expr=col("split").is_in(list(splits)))
 
 
-def training_inputs(config: RunConfig) -> StageInputs:
-    """``train`` (sharded; + rare-case augmented rows when asked), ``reference`` = train, ``val``."""
+def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool) -> dict:
+    """Materialised Ray Datasets, read once from the cache: ``train``, ``val``,
+    ``train_augmented`` (train + rare-case rows) and ``pretrain`` (train + unlabelled) as asked.
+
+    A sweep reads them in its driver and hands them to every trial: Ray Data started inside
+    a Tune trial is limited to the trial's (zero-CPU) reservation.
+    """
     import ray
 
     prepared = ensure_prepared(config)
-    classes = read_classes(config.data.dataset)
-    rare = tuple(rare_labels(classes))
     rows = ray.data.read_parquet(str(prepared.shards)).select_columns(COLUMNS + ["split"]).materialize()
-    reference = _split(rows, "train").select_columns(COLUMNS).materialize()
-    train = reference
-    if config.data.augment_rare and rare:
+    out = {
+        "train": _split(rows, "train").select_columns(COLUMNS).materialize(),
+        "val": _split(rows, "val").select_columns(COLUMNS).materialize(),
+    }
+    rare = rare_labels(read_classes(config.data.dataset))
+    if augmented and rare:
         from raytumor.data.rare_cases import augment_rare_cases
 
-        augmented = augment_rare_cases(prepared, rare, n=config.data.augment_n, seed=config.seed)
-        if augmented.n_rows:
-            extra = ray.data.read_parquet(str(augmented.shards)).select_columns(COLUMNS)
-            train = reference.union(extra).materialize()
-    val = _split(rows, "val").select_columns(COLUMNS).materialize()
+        extra = augment_rare_cases(prepared, rare, n=config.data.augment_n, seed=config.seed)
+        if extra.n_rows:
+            rows_extra = ray.data.read_parquet(str(extra.shards)).select_columns(COLUMNS)
+            out["train_augmented"] = out["train"].union(rows_extra).materialize()
+    if pretraining:
+        splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)
+        out["pretrain"] = _split(rows, *splits).select_columns(COLUMNS).materialize()
+    return out
+
+
+def _class_facts(config: RunConfig) -> tuple[int, tuple[int, ...]]:
+    classes = read_classes(config.data.dataset)
+    return int(classes["label"].max()) + 1, tuple(rare_labels(classes))
+
+
+def training_inputs(config: RunConfig, shared: dict | None = None) -> StageInputs:
+    """``train`` (sharded; + rare-case augmented rows when asked), ``reference`` = train, ``val``."""
+    datasets = shared or read_stage_datasets(config, augmented=config.data.augment_rare, pretraining=False)
+    train = datasets.get("train_augmented", datasets["train"]) if config.data.augment_rare else datasets["train"]
+    num_classes, rare = _class_facts(config)
     return StageInputs(
-        datasets={"train": train, "reference": reference, "val": val},
-        num_classes=int(classes["label"].max()) + 1,
+        datasets={"train": train, "reference": datasets["train"], "val": datasets["val"]},
+        num_classes=num_classes,
         rare_classes=rare,
         n_train_rows=train.count(),
     )
 
 
-def pretraining_inputs(config: RunConfig) -> StageInputs:
+def pretraining_inputs(config: RunConfig, shared: dict | None = None) -> StageInputs:
     """Labelled train cases plus (optionally) the unlabelled pool; labels are not used."""
-    import ray
-
-    prepared = ensure_prepared(config)
-    splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)
-    rows = ray.data.read_parquet(str(prepared.shards)).select_columns(COLUMNS + ["split"])
-    train = _split(rows, *splits).select_columns(COLUMNS).materialize()
-    classes = read_classes(config.data.dataset)
+    datasets = shared if shared and "pretrain" in shared else read_stage_datasets(config, augmented=False, pretraining=True)
+    num_classes, rare = _class_facts(config)
     return StageInputs(
-        datasets={"train": train},
-        num_classes=int(classes["label"].max()) + 1,
-        rare_classes=tuple(rare_labels(classes)),
-        n_train_rows=train.count(),
+        datasets={"train": datasets["pretrain"]},
+        num_classes=num_classes,
+        rare_classes=rare,
+        n_train_rows=datasets["pretrain"].count(),
     )
 
 

@@ -118,8 +118,10 @@ def _copy_bytes(target: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
+def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> Path:
     run_dir = Path(config.output_dir) / config.name
+    if resume == "auto":
+        resume = run_dir.exists()
     if run_dir.exists() and not resume:
         raise RaytumorError(f"{run_dir}: run exists; use --resume to continue it or --name for a new run")
     if resume and not run_dir.exists():
@@ -133,17 +135,55 @@ def prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
     return run_dir
 
 
-def run_pretraining(config: RunConfig, run_dir: Path, *, callbacks: Sequence = (), extra_loop_config=None) -> Path:
-    """Contrastive pre-training into ``run_dir``; returns the backbone weights file (reused if done)."""
+def pretrain_key(config: RunConfig) -> str:
+    """What makes two pre-trainings identical: data (by cache fingerprint), encoder, settings, seed."""
+    import hashlib
+
+    from raytumor.train.datasets import ensure_prepared
+
+    pretrain = config.pretrain.model_dump(mode="json")
+    pretrain.pop("enabled")
+    facts = {
+        "data": ensure_prepared(config).fingerprint,
+        "shape": list(config.data.shape),
+        "encoder": config.model.encoder,
+        "width": config.model.width,
+        "pretrain": pretrain,
+        "seed": config.seed,
+        "workers": config.resources.num_workers,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_pretraining(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    callbacks: Sequence = (),
+    extra_loop_config=None,
+    shared_datasets: dict | None = None,
+) -> Path:
+    """Contrastive pre-training into ``run_dir``; returns the backbone weights file.
+
+    Reused when the run already has one, or when ``cache_dir`` holds a pre-training with the
+    same :func:`pretrain_key` (sweep trials that differ only in their final training).
+    """
     target = run_dir / PRETRAINED_BACKBONE_FILE
     if target.is_file():
         return target
-    inputs = pretraining_inputs(config)
+    cached = cache_dir / pretrain_key(config) / PRETRAINED_BACKBONE_FILE if cache_dir else None
+    if cached is not None and cached.is_file():
+        _copy_bytes(target, cached.read_bytes())
+        return target
+    inputs = pretraining_inputs(config, shared_datasets)
     files = _fit(build_trainer(config, "pretrain", run_dir, inputs, callbacks=callbacks,
                                extra_loop_config=extra_loop_config))
     state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
     pd.DataFrame(state["history"]).to_csv(run_dir / "pretrain_metrics.csv", index=False)
     _copy_bytes(target, files[BACKBONE_FILE])
+    if cached is not None:
+        _copy_bytes(cached, files[BACKBONE_FILE])
     return target
 
 
@@ -166,19 +206,26 @@ def resolve_pretrained(path: str) -> str:
 def run_training(
     config: RunConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     stages: Sequence[Stage] = ("pretrain", "train"),
     callbacks: Sequence = (),
     extra_loop_config: dict | None = None,
+    pretrain_cache: Path | None = None,
+    shared_datasets: dict | None = None,
 ) -> TrainingResult:
-    """Pre-train (when ``config.pretrain.enabled``), then train; export the run directory."""
+    """Pre-train (when ``config.pretrain.enabled``), then train; export the run directory.
+
+    ``resume``: True continues an existing run, False needs a new one, "auto" does either.
+    ``shared_datasets``: datasets from :func:`read_stage_datasets`, read once for many runs.
+    """
     run_dir = prepare_run_dir(config, resume=resume)
     backbone = resolve_pretrained(config.train.pretrained) if config.train.pretrained else None
     if config.pretrain.enabled and "pretrain" in stages:
-        backbone = str(run_pretraining(config, run_dir, extra_loop_config=extra_loop_config).resolve())
+        backbone = str(run_pretraining(config, run_dir, cache_dir=pretrain_cache, extra_loop_config=extra_loop_config,
+                                       shared_datasets=shared_datasets).resolve())
     if "train" not in stages:
         return TrainingResult(run_dir, 0, {})
-    inputs = training_inputs(config)
+    inputs = training_inputs(config, shared_datasets)
     files = _fit(build_trainer(config, "train", run_dir, inputs, pretrained_backbone=backbone, callbacks=callbacks,
                                extra_loop_config=extra_loop_config))
     state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)

@@ -1,0 +1,1 @@
+"""Sweep stage: YAML search spaces -> Ray Tune + Optuna; leaderboard, best config, report."""

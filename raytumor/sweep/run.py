@@ -1,0 +1,277 @@
+"""``raytumor sweep``: Ray Tune + Optuna (TPE, seeded) + ASHA over the shared trainer builder.
+
+Experiment directory ``<results_dir>/<name>/``::
+
+    space.yaml        the search space as given, base.yaml its base config
+    tune/             Ray Tune's experiment state (what --resume restores)
+    trials/<id>/      each trial's run directory (the same layout as `raytumor train`)
+    pretrain_cache/   pre-trained backbones shared by trials with the same pre-training
+    leaderboard.csv   trials by validation objective; best.yaml: the winning config
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from raytumor.config import build_config, dump_config, merge
+from raytumor.errors import RaytumorError
+from raytumor.storage import atomic_write_text
+from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
+
+BEST_FILE = "best.yaml"
+LEADERBOARD_FILE = "leaderboard.csv"
+SWEEP_KEY = "__sweep__"
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    experiment_dir: Path
+    leaderboard: pd.DataFrame
+    best_config_path: Path
+    best_value: float
+
+
+def sweep_trial(trial_params: dict, shared_datasets: dict | None = None) -> None:
+    """The Tune trainable: one trial = (pre-training +) training through ``run_training``."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raytumor.train.trainer import run_training
+
+    context = trial_params[SWEEP_KEY]
+    sampled = {k: v for k, v in trial_params.items() if k != SWEEP_KEY and k != "configuration"}
+    sampled.update(trial_params.get("configuration") or {})
+    trial_id = ray.tune.get_context().get_trial_id()
+    tree = merge(context["base"], nest({**context["fixed"], **sampled}))
+    tree = merge(tree, {"name": trial_id, "output_dir": context["trials_dir"]})
+    config = build_config(tree, source=f"trial {trial_id}")
+    run_training(config, resume="auto", callbacks=[TuneReportCallback()],
+                 pretrain_cache=Path(context["pretrain_cache"]), shared_datasets=shared_datasets)
+
+
+def _experiment_dir(space: SearchSpace, name: str | None, results_dir: str | None) -> Path:
+    return Path(results_dir or space.results_dir).resolve() / (name or space.name)
+
+
+def _trainable(shared_datasets: dict):
+    from ray import tune
+
+    # The trial driver only waits on its Train workers: it reserves no CPU (a 1-CPU driver
+    # plus 1-CPU workers cannot run on 2 cores); the workers and Ray Data get the CPUs.
+    trainable = tune.with_parameters(sweep_trial, shared_datasets=shared_datasets)
+    return tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
+
+
+def _search_alg(space: SearchSpace):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    if space.search == "grid":
+        return None
+    sampler = (optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=min(4, space.num_samples))
+               if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
+    distributions = {k: v.model_dump(exclude_none=True) for k, v in space.distributions().items()}
+    define_by_run = functools.partial(suggest, distributions=distributions, fixed=space.fixed())
+    searcher = OptunaSearch(space=define_by_run, metric=space.objective.metric, mode=space.objective.mode,
+                            sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
+
+
+def _scheduler(space: SearchSpace, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler.type == "none":
+        return FIFOScheduler()
+    # max_t one past the epoch budget: a trial that survives every rung ends on its own and
+    # exports its run directory instead of being stopped at the last epoch.
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs + 1, grace_period=min(space.scheduler.grace_period, max_epochs),
+                         reduction_factor=space.scheduler.reduction_factor)
+
+
+def _param_space(space: SearchSpace, base_tree: dict, experiment_dir: Path) -> dict:
+    from ray import tune
+
+    context = {
+        "base": base_tree,
+        "fixed": space.fixed(),
+        "trials_dir": str(experiment_dir / "trials"),
+        "pretrain_cache": str(experiment_dir / "pretrain_cache"),
+    }
+    params: dict[str, Any] = {SWEEP_KEY: context}
+    if space.search == "grid":
+        params["configuration"] = tune.grid_search(space.configurations)
+    return params
+
+
+def _may_be_set(space: SearchSpace, base_value: Any, key: str) -> bool:
+    """Whether any trial of the space can run with ``key`` true."""
+    value = space.parameters.get(key, base_value)
+    if hasattr(value, "values") and value.values is not None:
+        return any(bool(v) for v in value.values)
+    return bool(value) or any(bool(c.get(key)) for c in space.configurations or [])
+
+
+def _shared_inputs(space: SearchSpace, base_tree: dict) -> dict:
+    """Read the cached rows once in the driver; every trial trains from these datasets.
+
+    Data shape and dataset are therefore fixed for a sweep (not sweepable).
+    """
+    from raytumor.train.datasets import read_stage_datasets
+
+    config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
+    return read_stage_datasets(
+        config,
+        augmented=_may_be_set(space, config.data.augment_rare, "data.augment_rare"),
+        pretraining=_may_be_set(space, config.pretrain.enabled, "pretrain.enabled"),
+    )
+
+
+def run_sweep(
+    space_path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    results_dir: str | None = None,
+    resume: bool = False,
+    verbose: int = 1,
+) -> SweepResult:
+    """Run (or resume) a sweep; write the leaderboard and ``best.yaml``. Needs a running Ray."""
+    from ray import tune
+
+    space, base_tree = load_search_space(space_path)
+    experiment_dir = _experiment_dir(space, name, results_dir)
+    tune_dir = experiment_dir / "tune"
+    if resume:
+        if not tune.Tuner.can_restore(str(tune_dir)):
+            raise RaytumorError(f"{experiment_dir}: no sweep to resume")
+    elif experiment_dir.exists():
+        raise RaytumorError(f"{experiment_dir}: sweep exists; use --resume to continue it or --name for a new one")
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(experiment_dir / "space.yaml", Path(space_path).read_text())
+        atomic_write_text(experiment_dir / "base.yaml", yaml.safe_dump(base_tree, sort_keys=False))
+    shared = _shared_inputs(space, base_tree)
+
+    max_epochs = build_config(merge(base_tree, nest(space.fixed())), source=space.name).train.epochs
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=_trainable(shared), resume_errored=True,
+                                   param_space=_param_space(space, base_tree, experiment_dir))
+    else:
+        tuner = tune.Tuner(
+            _trainable(shared),
+            param_space=_param_space(space, base_tree, experiment_dir),
+            tune_config=tune.TuneConfig(
+                metric=space.objective.metric,
+                mode=space.objective.mode,
+                search_alg=_search_alg(space),
+                scheduler=_scheduler(space, max_epochs),
+                num_samples=1 if space.search == "grid" else space.num_samples,
+                max_concurrent_trials=space.max_concurrent_trials,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(experiment_dir),
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=verbose,
+            ),
+        )
+    results = tuner.fit()
+    return summarise(experiment_dir, results, space, base_tree)
+
+
+def _trial_rows(results, space: SearchSpace) -> list[dict]:
+    rows = []
+    metric, mode = space.objective.metric, space.objective.mode
+    for result in results:
+        history = result.metrics_dataframe
+        config = result.config or {}
+        params = {k: v for k, v in config.items() if k not in (SWEEP_KEY, "configuration")}
+        params.update(config.get("configuration") or {})
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
+        row.update({f"param:{k}": v for k, v in params.items()})
+        if history is not None and metric in history.columns and history[metric].notna().any():
+            best_index = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
+            best = history.loc[best_index]
+            row["objective"] = float(best[metric])
+            row["best_epoch"] = int(best.get("epoch", 0))
+            row["epochs_run"] = int(history["epoch"].max()) if "epoch" in history else len(history)
+            for key in ("val_recall_micro", "val_recall_macro", "val_recall_macro_rare", "val_rank5"):
+                if key in best:
+                    row[key] = float(best[key])
+        else:
+            row["objective"] = math.nan
+        row["status"] = "error" if result.error else "done"
+        rows.append(row)
+    return rows
+
+
+def summarise(experiment_dir: Path, results, space: SearchSpace, base_tree: dict) -> SweepResult:
+    """Leaderboard by the validation objective and ``best.yaml``: the test split is never read."""
+    rows = _trial_rows(results, space)
+    board = pd.DataFrame(rows)
+    ascending = space.objective.mode == "min"
+    board = board.sort_values("objective", ascending=ascending, na_position="last").reset_index(drop=True)
+    atomic_write_text(experiment_dir / LEADERBOARD_FILE, board.to_csv(index=False))
+    finished = board[board["objective"].notna()]
+    if finished.empty:
+        raise RaytumorError(f"{experiment_dir}: no trial reported {space.objective.metric}; see the trial logs under tune/")
+    best_id = finished.iloc[0]["trial_id"]
+    best_config_file = experiment_dir / "trials" / best_id / "config.yaml"
+    best_tree = yaml.safe_load(best_config_file.read_text())
+    best_tree["name"] = f"{experiment_dir.name}-best"
+    best_tree["output_dir"] = "runs"
+    if space.final_train_epochs:
+        best_tree["train"]["epochs"] = space.final_train_epochs
+    best = build_config(best_tree, source=str(best_config_file))
+    header = (f"# Best trial {best_id} of sweep {experiment_dir.name}: "
+              f"{space.objective.metric} = {finished.iloc[0]['objective']:.4f} (validation split)\n")
+    atomic_write_text(experiment_dir / BEST_FILE, header + dump_config(best))
+    meta = {"best_trial": best_id, "objective": space.objective.model_dump(), "value": float(finished.iloc[0]["objective"])}
+    atomic_write_text(experiment_dir / "best.json", json.dumps(meta, indent=2))
+    return SweepResult(experiment_dir, board, experiment_dir / BEST_FILE, float(finished.iloc[0]["objective"]))
+
+
+def latest_experiment(results_dir: str = "results") -> Path:
+    """The most recently modified experiment holding a ``best.yaml``."""
+    root = Path(results_dir)
+    candidates = sorted(root.glob(f"*/{BEST_FILE}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not candidates:
+        raise RaytumorError(f"{root}: no finished sweep (no */{BEST_FILE}); run `raytumor sweep SPACE.yaml` first")
+    return candidates[-1].parent
+
+
+BEST_RUN_POINTER = "latest-best-run.txt"
+
+
+def resolve_experiment(name_or_path: str | None, results_dir: str = "results") -> Path:
+    """An experiment directory from a path, a name under ``results_dir``, or the latest one."""
+    if name_or_path is None:
+        return latest_experiment(results_dir)
+    for candidate in (Path(name_or_path), Path(results_dir) / name_or_path):
+        if (candidate / BEST_FILE).is_file():
+            return candidate
+    raise RaytumorError(f"{name_or_path}: not a finished sweep (no {BEST_FILE}; looked in . and {results_dir}/)")
+
+
+def record_best_run(results_dir: str, run_dir: Path) -> None:
+    atomic_write_text(Path(results_dir) / BEST_RUN_POINTER, str(run_dir.resolve()) + "\n")
+
+
+def latest_best_run(results_dir: str = "results") -> Path:
+    pointer = Path(results_dir) / BEST_RUN_POINTER
+    if not pointer.is_file():
+        raise RaytumorError("no run given and no `raytumor train --best` run yet; pass RUN directories")
+    run = Path(pointer.read_text().strip())
+    if not run.is_dir():
+        raise RaytumorError(f"{pointer}: the recorded best run {run} no longer exists")
+    return run

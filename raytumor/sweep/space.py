@@ -1,0 +1,238 @@
+"""Search-space files: a validated schema, and the Optuna define-by-run function built from it.
+
+A search space names parameters by their dotted config key (``train.margin``) with a
+distribution (``uniform``, ``loguniform``, ``int``, ``choice``) or a fixed value; a
+parameter with ``when`` is only suggested when other parameters have the given values
+(``pretrain.epochs`` only when ``pretrain.enabled`` is true). ``search: grid`` instead lists
+explicit ``configurations``. Everything else of a run comes from ``base`` (a run config
+file, relative to the search-space file, or an inline mapping).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raytumor.config import RunConfig, build_config, merge
+from raytumor.errors import ConfigError
+
+Scalar = Union[bool, int, float, str, None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    step: Optional[int] = None
+    values: Optional[list[Scalar]] = None
+    when: Optional[dict[str, Scalar]] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None or self.step is not None:
+                raise ValueError("choice takes 'values' only, not low/high/step")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{self.type} takes low/high, not 'values'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs 'low' > 0")
+        if self.type == "int":
+            if self.low != int(self.low) or self.high != int(self.high):
+                raise ValueError("int needs integer 'low' and 'high'")
+            if self.step is not None and self.step < 1:
+                raise ValueError("'step' must be >= 1")
+        elif self.step is not None:
+            raise ValueError("'step' applies to int parameters only")
+        return self
+
+
+class Objective(_Strict):
+    metric: str = "val_recall_macro"
+    mode: Literal["max", "min"] = "max"
+
+
+class Scheduler(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, ge=1, description="Epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class TrialResources(_Strict):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class SearchSpace(_Strict):
+    name: str
+    base: Union[str, dict, None] = None
+    dataset: Optional[str] = None
+    search: Literal["tpe", "random", "grid"] = "tpe"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    seed: int = 0
+    results_dir: str = "results"
+    objective: Objective = Objective()
+    scheduler: Scheduler = Scheduler()
+    resources: TrialResources = TrialResources()
+    final_train_epochs: Optional[int] = Field(None, ge=1, description="Epochs of `train --best` (default: the base's).")
+    parameters: dict[str, Union[Distribution, Scalar, list]] = Field(default_factory=dict)
+    configurations: Optional[list[dict[str, Any]]] = None
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.search == "grid":
+            if not self.configurations:
+                raise ValueError("search: grid needs a non-empty 'configurations' list")
+        elif self.configurations:
+            raise ValueError("'configurations' applies to search: grid only")
+        return self
+
+    def distributions(self) -> dict[str, Distribution]:
+        return {k: v for k, v in self.parameters.items() if isinstance(v, Distribution)}
+
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.parameters.items() if not isinstance(v, Distribution)}
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """``{"train.margin": 1}`` -> ``{"train": {"margin": 1}}``."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def _example(dist: Distribution) -> Any:
+    if dist.type == "choice":
+        return dist.values[0]
+    if dist.type == "int":
+        return int(dist.low)
+    return float(dist.low)
+
+
+def load_search_space(path: str | os.PathLike) -> tuple[SearchSpace, dict]:
+    """Parse and validate a search-space file; returns it and the base config tree.
+
+    Every parameter key is checked against the run config by building a config with each
+    parameter's example values: an unknown key or a value of the wrong type is an error
+    naming the file and the key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: search-space file does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("Distribution", "bool", "int", "float", "str", "list", "none")))
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(f"{key}: {message}")
+        raise ConfigError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None
+
+    base_tree = _base_tree(space, path)
+    if space.dataset:
+        base_tree = merge(base_tree, {"data": {"dataset": space.dataset}})
+    _check_keys(space, base_tree, path)
+    return space, base_tree
+
+
+def _base_tree(space: SearchSpace, path: Path) -> dict:
+    if space.base is None:
+        return {}
+    if isinstance(space.base, dict):
+        return space.base
+    base_path = (path.parent / space.base) if not os.path.isabs(space.base) else Path(space.base)
+    if not base_path.is_file():
+        base_path = Path(space.base)
+    try:
+        loaded = yaml.safe_load(base_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: base: {space.base}: config file does not exist") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: base: {space.base}: expected a mapping")
+    return loaded
+
+
+def _check_keys(space: SearchSpace, base_tree: dict, path: Path) -> None:
+    names = set(space.parameters)
+    for key, dist in space.distributions().items():
+        for condition in (dist.when or {}):
+            if condition not in names:
+                raise ConfigError(f"{path}: parameters.{key}.when: {condition} is not a parameter of this space")
+    candidates = []
+    example = {k: (_example(v) if isinstance(v, Distribution) else v) for k, v in space.parameters.items()}
+    candidates.append(("parameters", example))
+    for dist_key, dist in space.distributions().items():
+        if dist.type == "choice":
+            for value in dist.values:
+                candidates.append((f"parameters.{dist_key}", {**example, dist_key: value}))
+    for index, overrides in enumerate(space.configurations or []):
+        candidates.append((f"configurations[{index}]", {**space.fixed(), **overrides}))
+    for where, flat in candidates:
+        try:
+            build_config(merge(base_tree, nest(flat)), source=f"{path}: {where}")
+        except ConfigError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def suggest(trial, distributions: dict[str, dict], fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Optuna define-by-run: suggest every active parameter; ``when`` conditions may name
+    sampled or fixed parameters. Returns the sampled values only.
+
+    Module-level (and used through ``functools.partial``) so ``Tuner.restore`` can find it.
+    """
+    fixed = dict(fixed or {})
+    chosen: dict[str, Any] = dict(fixed)
+    pending = dict(distributions)
+    while pending:
+        progressed = False
+        for key, spec in list(pending.items()):
+            when = spec.get("when") or {}
+            if any(cond not in chosen and cond in pending for cond in when):
+                continue
+            del pending[key]
+            progressed = True
+            if any(chosen.get(cond) != value for cond, value in when.items()):
+                continue
+            kind = spec["type"]
+            if kind == "choice":
+                chosen[key] = trial.suggest_categorical(key, spec["values"])
+            elif kind == "int":
+                chosen[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=spec.get("step") or 1)
+            else:
+                chosen[key] = trial.suggest_float(key, spec["low"], spec["high"], log=kind == "loguniform")
+        if not progressed:
+            raise ConfigError(f"circular 'when' conditions among {', '.join(pending)}")
+    return {key: value for key, value in chosen.items() if key not in fixed}
+
+
+def trial_config(base_tree: dict, space: SearchSpace, sampled: dict[str, Any]) -> RunConfig:
+    """The run config of one trial: base <- fixed parameters <- sampled values."""
+    return build_config(merge(base_tree, nest({**space.fixed(), **sampled})), source=f"search space {space.name}")
