@@ -54,6 +54,13 @@ def sweep_trial(trial_params: dict, shared_datasets: dict | None = None) -> None
     tree = merge(context["base"], nest({**context["fixed"], **sampled}))
     tree = merge(tree, {"name": trial_id, "output_dir": context["trials_dir"]})
     config = build_config(tree, source=f"trial {trial_id}")
+    finished = Path(config.output_dir) / config.name / "summary.json"
+    if finished.is_file():
+        # Finished before the sweep was interrupted: replay its epochs to Tune, do not re-run.
+        history = pd.read_csv(finished.parent / "metrics.csv")
+        for row in history.to_dict("records"):
+            ray.tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+        return
     run_training(config, resume="auto", callbacks=[TuneReportCallback()],
                  pretrain_cache=Path(context["pretrain_cache"]), shared_datasets=shared_datasets)
 

@@ -1,0 +1,3 @@
+from raytumor.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""Search-space schema: validation errors name the file and key; conditionals only when active."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from raytumor.errors import ConfigError
+from raytumor.sweep.space import load_search_space, suggest, trial_config
+
+SPACES = sorted(Path(__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml"))
+
+
+def write(tmp_path, body: dict) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_shipped_spaces_are_valid(path):
+    space, base = load_search_space(path)
+    assert space.name == path.stem
+    assert space.objective.metric == "val_recall_macro" and space.objective.mode == "max"
+
+
+def test_paper_table2_has_the_14_configurations():
+    space, _ = load_search_space(next(p for p in SPACES if p.name == "paper_table2.yaml"))
+    assert space.search == "grid" and len(space.configurations) == 14
+    assert len({tuple(sorted(c.items())) for c in space.configurations}) == 14
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"name": "x", "paramters": {}}, "paramters: unknown key"),
+        ({"name": "x", "parameters": {"train.margn": {"type": "uniform", "low": 0, "high": 1}}}, "train.margn: unknown key"),
+        ({"name": "x", "parameters": {"train.margin": {"type": "uniform", "low": 2, "high": 1}}}, "must be below"),
+        ({"name": "x", "parameters": {"train.lr": {"type": "loguniform", "low": 0, "high": 1}}}, "loguniform needs 'low' > 0"),
+        ({"name": "x", "parameters": {"train.loss": {"type": "choice", "values": ["batch_hard", "hinge"]}}}, "train.loss"),
+        ({"name": "x", "parameters": {"model.embedding_dim": {"type": "int", "low": 1.5, "high": 4}}}, "integer"),
+        ({"name": "x", "parameters": {"pretrain.epochs": {"type": "int", "low": 1, "high": 4, "when": {"pretrain.enabld": True}}}},
+         "pretrain.enabld is not a parameter"),
+        ({"name": "x", "num_samples": 0}, "num_samples"),
+        ({"name": "x", "search": "grid"}, "configurations"),
+        ({"name": "x", "base": "missing.yaml"}, "missing.yaml: config file does not exist"),
+    ],
+)
+def test_bad_spaces_name_file_and_key(tmp_path, body, message):
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_conditional_parameters_reach_trials_only_when_active(tmp_path):
+    path = write(tmp_path, {
+        "name": "cond",
+        "parameters": {
+            "pretrain.enabled": {"type": "choice", "values": [True, False]},
+            "pretrain.epochs": {"type": "int", "low": 1, "high": 5, "when": {"pretrain.enabled": True}},
+            "pretrain.loss": {"type": "choice", "values": ["ntxent", "batch_hard"], "when": {"pretrain.enabled": True}},
+            "train.margin": {"type": "uniform", "low": 0.1, "high": 1.0},
+            "train.epochs": 3,
+        },
+    })
+    space, base = load_search_space(path)
+    distributions = {k: v.model_dump(exclude_none=True) for k, v in space.distributions().items()}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {True: 0, False: 0}
+    for _ in range(30):
+        trial = study.ask()
+        sampled = suggest(trial, distributions, space.fixed())
+        enabled = sampled["pretrain.enabled"]
+        seen[enabled] += 1
+        assert ("pretrain.epochs" in sampled) == enabled and ("pretrain.loss" in sampled) == enabled
+        assert set(trial.params) == set(sampled)  # Optuna records inactive parameters as absent
+        config = trial_config(base, space, sampled)
+        assert config.train.epochs == 3 and config.pretrain.enabled == enabled
+        study.tell(trial, 0.5)
+    assert seen[True] and seen[False]
+
+
+def test_condition_on_a_fixed_parameter(tmp_path):
+    path = write(tmp_path, {"name": "fixed", "parameters": {
+        "pretrain.enabled": False,
+        "pretrain.epochs": {"type": "int", "low": 1, "high": 5, "when": {"pretrain.enabled": True}},
+        "train.margin": {"type": "uniform", "low": 0.1, "high": 1.0},
+    }})
+    space, _ = load_search_space(path)
+    distributions = {k: v.model_dump(exclude_none=True) for k, v in space.distributions().items()}
+    trial = optuna.create_study().ask()
+    assert set(suggest(trial, distributions, space.fixed())) == {"train.margin"}

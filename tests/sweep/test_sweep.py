@@ -1,0 +1,109 @@
+"""A tiny sweep end to end: killed mid-way, resumed, best.yaml by validation, train --best."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raytumor.config import load_config
+from raytumor.sweep.run import BEST_FILE, LEADERBOARD_FILE, run_sweep
+from tests.conftest import make_dataset
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def tiny_space(tmp_path: Path, dataset: Path) -> Path:
+    space = {
+        "name": "tiny",
+        "dataset": str(dataset),
+        "search": "tpe",
+        "seed": 0,
+        "num_samples": 3,
+        "results_dir": str(tmp_path / "results"),
+        "base": {"data": {"shape": [16, 16, 4]}, "model": {"width": 0.25},
+                 "train": {"batch_size": 9, "lr": 0.003, "epochs": 2}, "pretrain": {"batch_size": 8, "epochs": 1}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "final_train_epochs": 3,
+        "parameters": {
+            "train.loss": {"type": "choice", "values": ["batch_all", "batch_hard"]},
+            "train.margin": {"type": "uniform", "low": 0.1, "high": 1.0},
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def finished_trials(experiment: Path) -> list[Path]:
+    return sorted(p.parent for p in experiment.glob("trials/*/summary.json"))
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_local, tmp_path_factory):
+    """A sweep whose driver is SIGKILLed after its first finished trial, then resumed."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(8, 8, 8))
+    space_path = tiny_space(tmp_path, dataset)
+    experiment = tmp_path / "results" / "tiny"
+
+    # The sweep's driver runs in another process on the session's Ray; SIGKILL it after one trial.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "raytumor.cli", "sweep", str(space_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not finished_trials(experiment) and time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = finished_trials(experiment)
+    assert first, "no trial finished before the kill"
+    assert not (experiment / BEST_FILE).exists()
+    stamps = {p.name: (p / "summary.json").stat().st_mtime_ns for p in first}
+
+    result = run_sweep(space_path, resume=True)
+    return tmp_path, experiment, first, stamps, result
+
+
+def test_sweep_killed_then_resumed_keeps_finished_trials(resumed_sweep):
+    tmp_path, experiment, first, stamps, result = resumed_sweep
+    board = pd.read_csv(experiment / LEADERBOARD_FILE)
+    assert len(board) == 3 and board["objective"].notna().all()
+    for trial in first:  # finished trials were kept, not re-run
+        assert (trial / "summary.json").stat().st_mtime_ns == stamps[trial.name]
+        assert trial.name in set(board["trial_id"])
+
+    # best.yaml: the trial with the best validation Recall_M, its config, the final epoch budget.
+    best_row = board.sort_values("objective", ascending=False).iloc[0]
+    assert result.best_value == pytest.approx(best_row["objective"])
+    best = load_config(experiment / BEST_FILE)
+    trial_config = load_config(experiment / "trials" / best_row["trial_id"] / "config.yaml")
+    assert best.train.loss == trial_config.train.loss and best.train.margin == trial_config.train.margin
+    assert best.train.epochs == 3
+    history = pd.read_csv(experiment / "trials" / best_row["trial_id"] / "metrics.csv")
+    assert history["val_recall_macro"].max() == pytest.approx(best_row["objective"])
+    assert not [c for c in history.columns if c.startswith("test")]
+
+
+def test_train_best_trains_the_config_of_best_yaml(resumed_sweep, monkeypatch):
+    from typer.testing import CliRunner
+
+    from raytumor.cli import app
+
+    tmp_path, _, _, _, result = resumed_sweep
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["train", "--best", "--results-dir", "results"])
+    assert out.exit_code == 0, out.output
+    best = load_config(result.best_config_path)
+    run_dir = tmp_path / "runs" / "tiny-best"
+    trained = load_config(run_dir / "config.yaml")
+    assert trained.model_dump() == best.model_dump()
+    assert (run_dir / "best_model.pt").is_file()
+    assert (tmp_path / "results" / "latest-best-run.txt").read_text().strip() == str(run_dir.resolve())
