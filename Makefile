@@ -25,7 +25,8 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: venv
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/knn.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -38,6 +38,9 @@ def ray_session(
         if announce:
             print(f"Connected to Ray cluster at {address}")
     else:
+        # Ray starts workers at niceness 15; on a machine shared with other work that lets
+        # every other process pre-empt the training workers (measured ~0.7x throughput).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,

@@ -14,6 +14,7 @@ from raytumor.cli import evaluate as evaluate_cli
 from raytumor.cli import masks as masks_cli
 from raytumor.cli import pipeline
 from raytumor.cli import sweep as sweep_cli
+from raytumor.cli import sweep_report as sweep_report_cli
 from raytumor.cli import train as train_cli
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command("demo")(pipeline.demo)
 app.command("pretrain")(train_cli.pretrain)
 app.command("train")(train_cli.train)
 app.command("sweep")(sweep_cli.sweep)
+app.command("sweep-report")(sweep_report_cli.sweep_report)
 app.command("evaluate")(evaluate_cli.evaluate)
 app.add_typer(evaluate_cli.index_app, name="index")
 app.command("search")(evaluate_cli.search)

@@ -50,4 +50,11 @@ def sweep(
         table.add_row(*cells)
     Console().print(table)
     typer.echo(f"best config: {result.best_config_path} (val Recall_M {result.best_value:.4f})")
+    from raytumor.errors import RaytumorError
+    from raytumor.sweep.report import write_sweep_report
+
+    try:
+        typer.echo(f"sweep report: {write_sweep_report(result.experiment_dir)}")
+    except RaytumorError as exc:  # the sweep itself finished; say why there is no report
+        typer.echo(f"no sweep report: {exc}")
     typer.echo("next: raytumor train --best && raytumor evaluate")

@@ -447,7 +447,7 @@ def _optuna_distribution(dist: Distribution | None, observed: Sequence[Any]):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if dist is None:  # a grid key: the values its configurations take
-        choices = list(dict.fromkeys(v for v in observed if v is not None))
+        choices = list(dict.fromkeys(v for v in observed if not _missing(v)))
         return CategoricalDistribution(choices) if choices else None
     if dist.type == "choice":
         return CategoricalDistribution(list(dist.values))
@@ -487,7 +487,7 @@ def param_importances(trials: pd.DataFrame, space: SweepSpace) -> Importances:
             study = optuna.create_study(direction="maximize" if space.mode == "max" else "minimize")
             added = 0
             for row in finished.to_dict("records"):
-                params = {k: row[f"param:{k}"] for k in swept
+                params = {k: _coerce(row[f"param:{k}"], space.distributions.get(k)) for k in swept
                           if distributions[k] is not None and not _missing(row[f"param:{k}"])}
                 try:
                     trial = optuna.trial.create_trial(params=params, value=float(row["objective"]),
