@@ -17,12 +17,10 @@ which fails on an existing non-empty directory.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import os
+import textwrap
 import shutil
 import time
 import uuid
@@ -37,13 +35,11 @@ from raytumor.config import RunConfig
 from raytumor.errors import RaytumorError
 from raytumor.evaluate.embeddings import EmbeddedRows, RunEmbeddings, middle_slices
 from raytumor.evaluate.metrics import knn_scores, nearest_neighbors
+from raytumor.reporting import ReportDoc, new_figure, png_bytes, pretrain_name, table2_row_name
 
 REFERENCE_SPLITS = ("train", "val")
 QUERY_SPLITS = ("test",)
 REPORTS_DIR = "reports"
-# Names of the paper's Table 2 rows: ContrastivePretrain-Augment-Loss.
-PRETRAIN_NAMES = {"ntxent": "NTXent", "batch_all": "BATriplet", "batch_hard": "BHTriplet"}
-TRAIN_NAMES = {"batch_hard": "BHTriplet", "batch_all": "BATriplet", "cross_entropy": "CrossEntropy", "interval": "Interval"}
 TABLE_COLUMNS = ("Model", "Recall_μ", "Recall_M", "Recall_M*", "Rank-5", "Acc_clf", "Run")
 METRIC_KEYS = ("recall_micro", "recall_macro", "recall_macro_rare", "rank5", "acc_clf")
 N_NEIGHBOURS_SHOWN = 5
@@ -52,27 +48,31 @@ N_NEIGHBOURS_SHOWN = 5
 # ---------------------------------------------------------------- naming and formatting
 
 
-def _pretrain_name(config: RunConfig) -> str:
-    if config.pretrain.enabled:
-        return PRETRAIN_NAMES[config.pretrain.loss]
-    if config.train.pretrained:
-        # Weights from another run: its config says which contrastive loss made them.
-        from raytumor.config import load_config
+def _pretraining(config: RunConfig) -> tuple[bool, str, bool]:
+    """``(enabled, loss, pretrained)`` naming the run's contrastive pre-training."""
+    if config.pretrain.enabled or not config.train.pretrained:
+        return config.pretrain.enabled, config.pretrain.loss, bool(config.train.pretrained)
+    # Weights from another run: its config says which contrastive loss made them.
+    from raytumor.config import load_config
 
-        source = Path(config.train.pretrained)
-        saved = (source if source.is_dir() else source.parent) / "config.yaml"
-        try:
-            other = load_config(saved)
-        except RaytumorError:
-            return "Pretrained"
-        return PRETRAIN_NAMES[other.pretrain.loss] if other.pretrain.enabled else "Pretrained"
-    return "None"
+    source = Path(config.train.pretrained)
+    saved = (source if source.is_dir() else source.parent) / "config.yaml"
+    try:
+        other = load_config(saved)
+    except RaytumorError:
+        return False, config.pretrain.loss, True
+    return other.pretrain.enabled, other.pretrain.loss, True
+
+
+def _pretrain_name(config: RunConfig) -> str:
+    return pretrain_name(*_pretraining(config))
 
 
 def table2_name(config: RunConfig) -> str:
     """The paper's row name ``ContrastivePretrain-Augment-Loss``, e.g. ``BHTriplet-Aug-BHTriplet``."""
-    augment = "Aug" if config.data.augment_rare else "None"
-    return f"{_pretrain_name(config)}-{augment}-{TRAIN_NAMES[config.train.loss]}"
+    enabled, loss, pretrained = _pretraining(config)
+    return table2_row_name(pretrain_enabled=enabled, pretrain_loss=loss, augment_rare=config.data.augment_rare,
+                           train_loss=config.train.loss, pretrained=pretrained)
 
 
 def format_metric(value: float | None, missing: str = "n/a") -> str:
@@ -207,19 +207,8 @@ def evaluate_run(embeddings: RunEmbeddings, k: int = 7) -> RunEvaluation:
 # ---------------------------------------------------------------- plots
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    return buffer.getvalue()
+    return png_bytes(fig, bbox_inches="tight")
 
 
 def _class_colours(labels: Sequence[int]) -> dict[int, Any]:
@@ -243,7 +232,7 @@ def plot_confusion(ev: RunEvaluation) -> bytes:
     labels, counts = ev.confusion()
     n = len(labels)
     size = max(3.5, 0.35 * n + 2)
-    fig = _figure(size, size)
+    fig = new_figure(size, size)
     ax = fig.add_subplot()
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
@@ -268,7 +257,7 @@ def plot_per_class_recall(ev: RunEvaluation) -> bytes:
     from matplotlib.patches import Patch
 
     rows = ev.per_class()
-    fig = _figure(max(4.5, 0.3 * len(rows) + 2), 3.2)
+    fig = new_figure(max(4.5, 0.3 * len(rows) + 2), 3.2)
     ax = fig.add_subplot()
     colours = ["tab:orange" if r["rare"] else "tab:blue" for r in rows]
     bars = ax.bar(range(len(rows)), [r["recall"] or 0.0 for r in rows], color=colours)
@@ -316,7 +305,7 @@ def plot_projection(ev: RunEvaluation) -> bytes:
     ref_xy, query_xy = xy[: len(ref)], xy[len(ref):]
     labels = np.concatenate([ref.label, queries.label])
     colours = _class_colours(labels)
-    fig = _figure(6.5, 5)
+    fig = new_figure(6.5, 5)
     ax = fig.add_subplot()
     for label in sorted(colours):
         sel = ref.label == label
@@ -333,7 +322,7 @@ def plot_projection(ev: RunEvaluation) -> bytes:
 
 
 def plot_cmc(evaluations: Sequence[RunEvaluation]) -> bytes:
-    fig = _figure(5, 3.4)
+    fig = new_figure(5, 3.4)
     ax = fig.add_subplot()
     ranks = np.arange(1, 11)
     for ev in evaluations:
@@ -387,7 +376,7 @@ def plot_retrieval(ev: RunEvaluation, examples: list[dict]) -> bytes | None:
     ids = [e["case_id"] for e in examples] + [n["case_id"] for e in examples for n in e["neighbours"]]
     slices = middle_slices(ev.embeddings.prepared, ids)
     columns = 1 + N_NEIGHBOURS_SHOWN
-    fig = _figure(1.7 * columns, 1.95 * len(examples))
+    fig = new_figure(1.7 * columns, 1.95 * len(examples))
     for row, example in enumerate(examples):
         cells = [(example, None)] + [(n, n["label"] == example["label"]) for n in example["neighbours"]]
         for col in range(columns):
@@ -401,11 +390,13 @@ def plot_retrieval(ev: RunEvaluation, examples: list[dict]) -> bytes | None:
             image = slices.get(case["case_id"])
             if image is not None:
                 ax.imshow(image.T, cmap="gray", origin="lower")
+            # Class names can be long: wrap them so neighbouring titles do not overlap.
+            name = "\n".join(textwrap.wrap(str(case["name"]).replace("_", " "), 18)[:2])
             if col == 0:
-                title = f"query {case['case_id']}\n{case['name']}"
+                title = f"query {case['case_id']}\n{name}"
                 edge = "black"
             else:
-                title = f"#{col} {case['case_id']}\n{case['name']} d={case['distance']:.3g}"
+                title = f"#{col} {case['case_id']} d={case['distance']:.3g}\n{name}"
                 edge = "tab:green" if match else "tab:red"
             ax.set_title(title, fontsize=6.5)
             for spine in ax.spines.values():
@@ -450,71 +441,12 @@ def _publish(tmp: Path, target: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0}
-.note{color:#555;font-size:13px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}"""
-
-
-class _Doc:
-    """Builds report.md and report.html side by side, so both always say the same."""
-
-    def __init__(self) -> None:
-        self.md: list[str] = []
-        self.html: list[str] = []
-        self.plots: dict[str, bytes] = {}
-
-    def heading(self, level: int, text: str) -> None:
-        self.md.append(f"{'#' * level} {text}\n")
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
-
-    def para(self, text: str, note: bool = False) -> None:
-        self.md.append(text + "\n")
-        opening = '<p class="note">' if note else "<p>"
-        self.html.append(f"{opening}{html.escape(text)}</p>")
-
-    def bullets(self, items: Sequence[str]) -> None:
-        self.md.append("\n".join(f"- {item}" for item in items) + "\n")
-        self.html.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
-
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        self.md.append(_md_table(header, rows) + "\n")
-        self.html.append(_html_table(header, rows))
-
-    def image(self, name: str, png: bytes | None, alt: str) -> None:
-        if png is None:
-            return
-        self.plots[name] = png
-        self.md.append(f"![{alt}](plots/{name})\n")
-        encoded = base64.b64encode(png).decode("ascii")
-        self.html.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">')
-
-    def markdown(self) -> str:
-        return "\n".join(self.md)
-
-    def html_page(self, title: str) -> str:
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-                f"<style>{_CSS}</style></head><body>\n" + "\n".join(self.html) + "\n</body></html>\n")
-
-
 def comparison_table(evaluations: Sequence[RunEvaluation]) -> list[dict[str, str]]:
     """The paper's Table 2 with one row per run (formatted strings keyed by :data:`TABLE_COLUMNS`)."""
     return [ev.table_row() for ev in evaluations]
 
 
-def _run_section(doc: _Doc, index: int, ev: RunEvaluation, n_examples: int) -> list[dict]:
+def _run_section(doc: ReportDoc, index: int, ev: RunEvaluation, n_examples: int) -> list[dict]:
     m = ev.metrics()
     slug = f"{index}-{''.join(c if c.isalnum() or c in '-_' else '_' for c in ev.name)}"
     doc.heading(2, f"{ev.name}: {ev.row_name}")
@@ -562,7 +494,7 @@ def write_report(
         raise ValueError("write_report needs at least one evaluation")
     target = check_report_dir(out_dir)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
-    doc = _Doc()
+    doc = ReportDoc()
     doc.heading(1, "raytumor evaluation report")
     ks = sorted({ev.scores["k"] for ev in evaluations})
     doc.para(f"Created {created}. Each test case is classified by a K = {', '.join(map(str, ks))} nearest-neighbour "

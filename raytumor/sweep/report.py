@@ -22,10 +22,7 @@ Every number is a validation-split number: the test split is never read by a swe
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import io
 import json
 import math
 import os
@@ -38,6 +35,7 @@ import pandas as pd
 import yaml
 
 from raytumor.errors import RaytumorError
+from raytumor.reporting import PRETRAIN_NAMES, TRAIN_NAMES, ReportDoc, new_figure, png_bytes, table2_row_name
 from raytumor.storage import atomic_path, atomic_write_text
 from raytumor.sweep.run import LEADERBOARD_FILE
 from raytumor.sweep.space import Distribution, Objective, SearchSpace
@@ -50,10 +48,6 @@ METRICS = ("val_recall_micro", "val_recall_macro", "val_recall_macro_rare", "val
 METRIC_LABELS = {"val_recall_micro": "Recall_μ", "val_recall_macro": "Recall_M",
                  "val_recall_macro_rare": "Recall_M*", "val_rank5": "Rank-5"}
 PANEL_METRICS = ("val_recall_micro", "val_recall_macro", "val_recall_macro_rare")
-# The paper's Table-2 row names, ContrastivePretrain-Augment-Loss (the same maps as
-# raytumor.evaluate.report, which imports torch and so is not imported here).
-PRETRAIN_NAMES = {"ntxent": "NTXent", "batch_all": "BATriplet", "batch_hard": "BHTriplet"}
-TRAIN_NAMES = {"batch_hard": "BHTriplet", "batch_all": "BATriplet", "cross_entropy": "CrossEntropy", "interval": "Interval"}
 NAME_KEYS = ("pretrain.enabled", "pretrain.loss", "data.augment_rare", "train.loss")
 # Per trial, besides the swept parameters: what names its loss variant.
 VARIANT_KEYS = ("train.loss", "pretrain.enabled", "pretrain.loss", "data.augment_rare", "train.pretrained")
@@ -225,13 +219,11 @@ def _best_of_history(history: pd.DataFrame | None, metric: str, mode: str) -> di
 
 def paper_name(values: dict[str, Any]) -> str:
     """The paper's Table-2 row name ``ContrastivePretrain-Augment-Loss`` of a trial's config."""
-    if values.get("pretrain.enabled"):
-        pretrain = PRETRAIN_NAMES.get(values.get("pretrain.loss"), str(values.get("pretrain.loss")))
-    else:
-        pretrain = "Pretrained" if values.get("train.pretrained") else "None"
-    augment = "Aug" if values.get("data.augment_rare") else "None"
-    loss = values.get("train.loss")
-    return f"{pretrain}-{augment}-{TRAIN_NAMES.get(loss, str(loss))}"
+    return table2_row_name(pretrain_enabled=bool(values.get("pretrain.enabled")),
+                           pretrain_loss=values.get("pretrain.loss"),
+                           augment_rare=bool(values.get("data.augment_rare")),
+                           train_loss=values.get("train.loss"),
+                           pretrained=bool(values.get("train.pretrained")))
 
 
 def load_trials(experiment_dir: str | os.PathLike, space: SweepSpace | None = None) -> pd.DataFrame:
@@ -524,21 +516,6 @@ def param_importances(trials: pd.DataFrame, space: SweepSpace) -> Importances:
 # ---------------------------------------------------------------- figures
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 def _colours(n: int) -> list:
     import matplotlib
 
@@ -553,9 +530,9 @@ def plot_param(plot: ParamPlot) -> bytes | None:
     n = len(plot.panels)
     if plot.kind == "configuration":
         height = max(2.5, 0.35 * len(plot.categories) + 1.2)
-        fig = _figure(3.8 * n + 2.5, height)
+        fig = new_figure(3.8 * n + 2.5, height)
     else:
-        fig = _figure(4.2 * n, 3.4)
+        fig = new_figure(4.2 * n, 3.4)
     axes = fig.subplots(1, n, squeeze=False)[0]
     colours = dict(zip(plot.series, _colours(len(plot.series))))
     position = {c: i for i, c in enumerate(plot.categories)}
@@ -612,7 +589,7 @@ def plot_param(plot: ParamPlot) -> bytes | None:
             axes[-1].legend(handles, labels, title=plot.series_key, fontsize=8, title_fontsize=8, loc="best")
     fig.suptitle(f"{plot.panels[0][1]} against {plot.param} (validation split)", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_importances(importances: Importances) -> bytes | None:
@@ -620,7 +597,7 @@ def plot_importances(importances: Importances) -> bytes | None:
         return None
     names = list(importances.values)[::-1]
     values = [importances.values[k] for k in names]
-    fig = _figure(6.0, max(1.8, 0.45 * len(names) + 1.0))
+    fig = new_figure(6.0, max(1.8, 0.45 * len(names) + 1.0))
     ax = fig.subplots()
     ax.barh(range(len(names)), values, color=_colours(1)[0])
     ax.set_yticks(range(len(names)), names)
@@ -630,71 +607,10 @@ def plot_importances(importances: Importances) -> bytes | None:
     ax.set_xlabel("importance (PED-ANOVA, normalised)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------- the document
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0}
-.note{color:#555;font-size:13px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}"""
-
-
-class _Doc:
-    """Builds report.md and report.html side by side, so both always say the same."""
-
-    def __init__(self) -> None:
-        self.md: list[str] = []
-        self.html: list[str] = []
-        self.plots: dict[str, bytes] = {}
-
-    def heading(self, level: int, text: str, anchor: str | None = None) -> None:
-        self.md.append(f"{'#' * level} {text}\n")
-        ident = f' id="{html.escape(anchor)}"' if anchor else ""
-        self.html.append(f"<h{level}{ident}>{html.escape(text)}</h{level}>")
-
-    def para(self, text: str, note: bool = False) -> None:
-        self.md.append(text + "\n")
-        opening = '<p class="note">' if note else "<p>"
-        self.html.append(f"{opening}{html.escape(text)}</p>")
-
-    def bullets(self, items: Sequence[str]) -> None:
-        if items:
-            self.md.append("\n".join(f"- {item}" for item in items) + "\n")
-            self.html.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
-
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        self.md.append(_md_table(header, rows) + "\n")
-        self.html.append(_html_table(header, rows))
-
-    def image(self, name: str, png: bytes | None, alt: str) -> None:
-        if png is None:
-            return
-        self.plots[name] = png
-        self.md.append(f"![{alt}]({PLOTS_DIR}/{name})\n")
-        encoded = base64.b64encode(png).decode("ascii")
-        self.html.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">')
-
-    def markdown(self) -> str:
-        return "\n".join(self.md)
-
-    def html_page(self, title: str) -> str:
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-                f"<style>{_CSS}</style></head><body>\n" + "\n".join(self.html) + "\n</body></html>\n")
 
 
 def _cell(value: Any, whole: bool = False) -> str:
@@ -721,7 +637,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def _plot_section(doc: _Doc, plot: ParamPlot, png_name: str, title: str) -> None:
+def _plot_section(doc: ReportDoc, plot: ParamPlot, png_name: str, title: str) -> None:
     doc.heading(3, title, anchor=f"plot-{_slug(plot.param)}")
     if not plot.series:
         doc.para(f"No trial with {plot.param} set reported an objective: nothing to plot.", note=True)
@@ -736,9 +652,9 @@ def _plot_section(doc: _Doc, plot: ParamPlot, png_name: str, title: str) -> None
     doc.bullets(facts)
 
 
-def build_report(trials: pd.DataFrame, space: SweepSpace, experiment_name: str) -> _Doc:
+def build_report(trials: pd.DataFrame, space: SweepSpace, experiment_name: str) -> ReportDoc:
     """The report's text and figures (nothing written)."""
-    doc = _Doc()
+    doc = ReportDoc(PLOTS_DIR)
     doc.heading(1, f"Sweep report: {experiment_name}")
     errored = int((trials["status"] == "error").sum())
     no_objective = int(trials["objective"].isna().sum())

@@ -120,6 +120,15 @@ def _param_space(space: SearchSpace, base_tree: dict, experiment_dir: Path) -> d
     return params
 
 
+def _absolute_paths(base_tree: dict, space: SearchSpace) -> dict:
+    """Trials run in their own working directories: make the base's paths absolute."""
+    config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
+    paths = {"data": {"dataset": str(Path(config.data.dataset).resolve())}}
+    if config.train.pretrained:
+        paths["train"] = {"pretrained": str(Path(config.train.pretrained).resolve())}
+    return merge(base_tree, paths)
+
+
 def _may_be_set(space: SearchSpace, base_value: Any, key: str) -> bool:
     """Whether any trial of the space can run with ``key`` true."""
     value = space.parameters.get(key, base_value)
@@ -155,6 +164,7 @@ def run_sweep(
     from ray import tune
 
     space, base_tree = load_search_space(space_path)
+    base_tree = _absolute_paths(base_tree, space)
     experiment_dir = _experiment_dir(space, name, results_dir)
     tune_dir = experiment_dir / "tune"
     if resume:

@@ -133,10 +133,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_crash(loop_config, epoch, rank)
         started, waited = time.perf_counter(), 0.0
         total = torch.zeros((), device=device)
+        fewest_per_class = len(labels)
         for indices in sampler:
             tick = time.perf_counter()
+            batch_labels = labels[indices]
+            counts = np.bincount(batch_labels)
+            fewest_per_class = min(fewest_per_class, int(counts[counts > 0].min()))
             x = to_device(volumes[indices], device)
-            y = torch.from_numpy(labels[indices]).to(device)
+            y = torch.from_numpy(batch_labels).to(device)
             waited += time.perf_counter() - tick
             total += train_step(model, x, y, loss_fn, optimizer)
         seconds = time.perf_counter() - started
@@ -145,6 +149,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "loss": float(total.item()) / len(sampler),
             "samples_per_s": len(sampler) * len(indices) * world / seconds,
             "data_wait_fraction": waited / seconds,
+            # P x K on this worker's shard: every class in every batch had at least this many rows.
+            "min_rows_per_class_in_batch": fewest_per_class,
         }
         if rank == 0:
             scores = eval_step(model, reference, val, device, k=train_cfg.knn_k, rare_classes=loop_config["rare_classes"])

@@ -41,6 +41,8 @@ def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_datas
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # resumed after epoch 3, nothing repeated or lost
     assert history["loss"].iloc[-2:].min() < history["loss"].iloc[0]
     assert history["val_recall_macro"].max() > 0.5  # three blob sizes: chance is 1/3
+    # The P x K batches survived Ray's sharding: every class in every batch had K = 3 rows.
+    assert (history["min_rows_per_class_in_batch"] == 3).all()
     model, saved = load_best_model(result.run_dir)
     assert saved.resources.num_workers == 2
     best_epoch = int(history["val_recall_macro"].idxmax()) + 1
@@ -66,6 +68,20 @@ def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
     other, _ = load_best_model(tmp_path / "fresh")
     assert not torch.allclose(other.backbone.state_dict()[conv], backbone[conv])
     assert (tmp_path / "fresh" / BEST_MODEL_FILE).is_file()
+
+
+def test_interrupted_run_resumes_with_resume(ray_local, tiny_dataset, tmp_path):
+    from raytumor.errors import RaytumorError
+
+    config = config_for(tiny_dataset, tmp_path, "stop", "train.epochs=3", "resources.max_failures=0")
+    marker = tmp_path / "crashed"
+    with pytest.raises(RaytumorError, match="training failed"):
+        run_training(config, extra_loop_config={"crash_once": {"rank": 0, "epoch": 2, "marker": str(marker)}})
+    assert not (tmp_path / "stop" / "summary.json").exists()
+    result = run_training(config, resume=True)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["restarts_from_checkpoint"] == 1
+    assert pd.read_csv(result.run_dir / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
 
 
 def test_existing_run_needs_resume(ray_local, tiny_dataset, tmp_path):

@@ -1,0 +1,367 @@
+"""Benchmark: sweep efficiency (TPE + ASHA vs random search without early stopping), Tune's
+bookkeeping overhead, and pre-training reused across sweep trials vs recomputed.
+
+Everything runs through ``raytumor.sweep.run.run_sweep`` on a fresh local Ray (2 CPUs, dashboard
+on 127.0.0.1, workers at niceness 0 as ``raytumor sweep`` starts them) over a small demo
+dataset written by ``make_demo_dataset`` into a temp dir and prepared once before any timing.
+
+1. Efficiency. Two sweeps over the same search space (``train.loss``, ``train.margin``,
+   ``model.embedding_dim``, as ``search_spaces/demo.yaml``), same seed, same trial count and
+   epoch budget, ``max_concurrent_trials: 1``: (a) ``search: tpe`` + ASHA
+   (``time_attr=epoch``, grace period 2, reduction factor 2), (b) ``search: random`` +
+   ``scheduler: none`` (every trial runs every epoch). Optuna's TPE draws its first
+   ``min(4, num_samples)`` trials with a ``RandomSampler`` of the same seed, so those
+   configurations are the random sweep's first ones; the strategies differ in ASHA's stops
+   and in the later trials. Per-trial histories come from Tune's
+   ``<experiment>/tune/<trial_id>/result.json`` (one JSON line per reported epoch). Trials are
+   ordered by start time (first line's ``timestamp - time_total_s``, i.e. when Tune's clock for
+   the trial started; ties by trial id) and their epochs concatenated in that order:
+   - ``trial_epochs_to_target``: reported epochs (summed over trials, in that order) until the
+     running best ``val_recall_macro`` first reaches >= 0.99 x the best value found by EITHER
+     strategy (None when it never does);
+   - ``total_trial_epochs``, ``best_value``, ``sweep_wall_s`` (``run_sweep`` call, which
+     includes reading the datasets into the driver and writing the leaderboard).
+   - Tune bookkeeping overhead = 1 - (sum over trials of ``time_total_s`` of the trial's last
+     report) / ``sweep_wall_s``. ``time_total_s`` is Tune's clock inside the trial: from the
+     trainable's start to its last report, so it holds Ray Train's ``fit`` start-up (and any
+     pre-training) and every epoch. The overhead is everything else: the driver reading the
+     datasets, trial actor start and stop, Optuna and ASHA, result handling and syncing, and,
+     for trials that ran to the end, Ray Train's teardown and the run-directory export after
+     the last report (ASHA-stopped trials are killed at a report). Also split out:
+     ``epochs_s`` = sum of per-epoch ``time_this_iter_s`` (a trial's first one also holds the fit
+     start-up, so its epoch 1 is estimated as the median of the sweep's later epochs) and
+     ``trial_startup_s`` = in-trial time minus ``epochs_s``.
+2. Pre-training reuse. A sweep with ``pretrain.enabled: true`` and fixed pre-training settings,
+   sweeping only ``train.margin`` (random search, no early stopping): every trial has the same
+   ``pretrain_key``. Counted per trial directory ``<experiment>/trials/<id>/``: a pre-training
+   fit = ``pretrain/`` exists (Ray Train storage of a pre-training that ran); a reuse =
+   ``pretrain_backbone.pt`` without ``pretrain/`` (copied from ``<experiment>/pretrain_cache/``).
+   Measured time of a trial's pre-training step = mtime of ``pretrain_backbone.pt`` - mtime of
+   ``config.yaml`` (written just before). The counterfactual where every trial pre-trains is an
+   ESTIMATE: n_trials x the measured pre-training time; time saved = that - what the sweep spent.
+
+``--smoke`` (2 trials x 2 epochs per strategy, 2 pre-training trials) only checks that the script
+runs; it also sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5`` (shorter teardown) as the tests do.
+
+    python benchmarks/sweep_efficiency.py [--json results.json] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+METRIC = "val_recall_macro"
+WITHIN = 0.99  # "within 1 % of the best": running best >= WITHIN x best value found
+
+# Default and smoke sizes: dataset, trials, epochs. The default takes ~8-12 min on 2 busy cores.
+SIZES = {
+    "default": dict(scale=0.05, raw_shape=(24, 24, 8), shape=(16, 16, 8), unlabelled=20, width=0.25,
+                    trials=6, epochs=8, grace_period=2, pretrain_trials=3, pretrain_epochs=3, pretrain_train_epochs=2),
+    "smoke": dict(scale=0.02, raw_shape=(16, 16, 4), shape=(16, 16, 4), unlabelled=5, width=0.25,
+                  trials=2, epochs=2, grace_period=1, pretrain_trials=2, pretrain_epochs=1, pretrain_train_epochs=1),
+}
+STRATEGIES = {
+    "tpe_asha": {"search": "tpe", "scheduler": "asha"},
+    "random_no_stopping": {"search": "random", "scheduler": "none"},
+}
+
+
+# --- set-up ---------------------------------------------------------------------------------
+
+
+def make_data(workdir: Path, size: dict, seed: int) -> tuple[Path, dict]:
+    from raytumor.data.demo import make_demo_dataset
+
+    summary = make_demo_dataset(workdir / "demo", scale=size["scale"], seed=seed, unlabelled=size["unlabelled"],
+                                shape=size["raw_shape"])
+    return summary.out_dir, {"cases": summary.counts, "unlabelled": summary.n_unlabelled,
+                             "generate_s": round(summary.seconds, 2)}
+
+
+def base_tree(dataset: Path, size: dict, seed: int) -> dict:
+    """The run settings every trial shares (what a space's ``base`` holds)."""
+    return {
+        "seed": seed,
+        "data": {"dataset": str(dataset), "shape": list(size["shape"]), "augment_rare": False},
+        "model": {"encoder": "paper_cnn", "width": size["width"], "embedding_dim": 6},
+        "pretrain": {"enabled": False, "loss": "batch_hard", "batch_size": 15, "epochs": size["pretrain_epochs"]},
+        "train": {"loss": "batch_hard", "margin": 1.0, "epochs": size["epochs"], "batch_size": 30,
+                  "samples_per_class": 3, "lr": 0.003},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": False, "max_failures": 0},
+    }
+
+
+def write_space(workdir: Path, name: str, base: dict, *, search: str, scheduler: dict, num_samples: int,
+                parameters: dict, seed: int) -> Path:
+    import yaml
+
+    space = {
+        "name": name, "base": base, "search": search, "seed": seed, "num_samples": num_samples,
+        "max_concurrent_trials": 1, "results_dir": str(workdir / "results"),
+        "objective": {"metric": METRIC, "mode": "max"}, "scheduler": scheduler,
+        "resources": {"num_workers": 1, "cpus_per_worker": 1}, "parameters": parameters,
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def timed_sweep(space_path: Path) -> tuple[Path, float, float, list]:
+    """Run one sweep; returns its experiment dir, wall seconds, wall-clock start and load averages."""
+    from raytumor.sweep.run import run_sweep
+
+    load_before = os.getloadavg()[0]
+    started_at, started = time.time(), time.perf_counter()
+    result = run_sweep(space_path, verbose=0)
+    wall = time.perf_counter() - started
+    return result.experiment_dir, wall, started_at, [round(load_before, 2), round(os.getloadavg()[0], 2)]
+
+
+# --- analysis -------------------------------------------------------------------------------
+
+
+def trial_histories(experiment: Path) -> list[dict]:
+    """Each trial's reported epochs from Tune's result.json, trials in start order."""
+    trials = []
+    for result_file in sorted((experiment / "tune").glob("*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if METRIC in r]
+        if not rows:
+            continue
+        first = rows[0]
+        trials.append({
+            "trial_id": result_file.parent.name,
+            "start": float(first["timestamp"]) - float(first["time_total_s"]),
+            "epochs": [int(r["epoch"]) for r in rows],
+            "values": [float(r[METRIC]) for r in rows],
+            "iter_s": [float(r["time_this_iter_s"]) for r in rows],
+            "time_total_s": float(rows[-1]["time_total_s"]),
+            "params": {k: v for k, v in (rows[0].get("config") or {}).items() if not k.startswith("__")},
+        })
+    return sorted(trials, key=lambda t: (t["start"], t["trial_id"]))
+
+
+def epochs_to_target(trials: list[dict], target: float) -> tuple[int | None, str | None]:
+    """Cumulative trial-epochs (trials in start order) until the running best reaches ``target``."""
+    spent, best = 0, -math.inf
+    for trial in trials:
+        for epoch, value in zip(trial["epochs"], trial["values"]):
+            spent += 1
+            best = max(best, value)
+            if best >= target:
+                return spent, f"{trial['trial_id']} epoch {epoch}"
+    return None, None
+
+
+def time_split(trials: list[dict]) -> tuple[float, float]:
+    """(epochs_s, trial_startup_s) summed over trials. A trial's first ``time_this_iter_s`` holds
+    the fit start-up and epoch 1; epoch 1 is estimated as the median of the sweep's later epochs."""
+    later = [s for t in trials for s in t["iter_s"][1:]]
+    typical = statistics.median(later) if later else 0.0
+    epochs_s = startup_s = 0.0
+    for t in trials:
+        first_epoch = min(typical, t["iter_s"][0])
+        epochs_s += sum(t["iter_s"][1:]) + first_epoch
+        startup_s += t["time_total_s"] - sum(t["iter_s"][1:]) - first_epoch
+    return epochs_s, startup_s
+
+
+def strategy_figures(trials: list[dict], wall: float, started_at: float, target: float) -> dict:
+    in_trial = sum(t["time_total_s"] for t in trials)
+    epochs_s, startup_s = time_split(trials)
+    spent, reached_at = epochs_to_target(trials, target)
+    return {
+        "trials": len(trials),
+        "total_trial_epochs": sum(len(t["epochs"]) for t in trials),
+        "best_value": round(max(max(t["values"]) for t in trials), 4),
+        "target": round(target, 4),
+        "trial_epochs_to_target": spent,
+        "target_reached_at": reached_at,
+        "sweep_wall_s": round(wall, 2),
+        "in_trial_s": round(in_trial, 2),
+        "epochs_s": round(epochs_s, 2),
+        "trial_startup_s": round(startup_s, 2),
+        "outside_trials_s": round(wall - in_trial, 2),
+        "tune_overhead_fraction": round(1 - in_trial / wall, 4),
+        "before_first_trial_s": round(trials[0]["start"] - started_at, 1),  # +-1 s: int timestamps
+        "trial_log": [{"trial_id": t["trial_id"], "epochs": len(t["epochs"]), "best": round(max(t["values"]), 4),
+                       "time_total_s": round(t["time_total_s"], 2), "params": t["params"]} for t in trials],
+    }
+
+
+def pretrain_figures(experiment: Path, trials: list[dict], wall: float) -> dict:
+    fits, reuses, fit_s, reuse_s = [], [], [], []
+    for run_dir in sorted((experiment / "trials").iterdir()):
+        backbone = run_dir / "pretrain_backbone.pt"
+        if not backbone.is_file():
+            continue
+        seconds = backbone.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+        if (run_dir / "pretrain").is_dir():
+            fits.append(run_dir.name)
+            fit_s.append(seconds)
+        else:
+            reuses.append(run_dir.name)
+            reuse_s.append(seconds)
+    n_trials = len(fits) + len(reuses)
+    pretrain_s = statistics.mean(fit_s) if fit_s else float("nan")
+    spent = sum(fit_s) + sum(reuse_s)
+    counterfactual = n_trials * pretrain_s
+    first_iter = {t["trial_id"]: t["iter_s"][0] for t in trials}
+    return {
+        "trials": n_trials,
+        "pretrain_cache_keys": sorted(p.name for p in (experiment / "pretrain_cache").iterdir()),
+        "pretraining_fits": len(fits),
+        "reused_from_cache": len(reuses),
+        "measured_pretrain_s": [round(s, 2) for s in fit_s],
+        "measured_reuse_copy_s": [round(s, 3) for s in reuse_s],
+        "pretrain_s_spent": round(spent, 2),
+        "counterfactual_pretrain_s_estimate": round(counterfactual, 2),
+        "saved_s_estimate": round(counterfactual - spent, 2),
+        "sweep_wall_s": round(wall, 2),
+        "saved_fraction_of_counterfactual_wall_estimate": round((counterfactual - spent) / (wall + counterfactual - spent), 4),
+        # Tune's first iteration spans pre-training (or the copy) + Train start-up + epoch 1.
+        "first_iter_s_fit_trials": [round(first_iter[t], 2) for t in fits if t in first_iter],
+        "first_iter_s_reuse_trials": [round(first_iter[t], 2) for t in reuses if t in first_iter],
+    }
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "ray": ray.__version__, "python": platform.python_version()}
+
+
+def print_report(results: dict) -> None:
+    m, s = results["machine"], results["settings"]
+    print(f"\nMachine: {m['cpu_count']} CPUs (load {m['load_average_1m']} at start), torch {m['torch']}, ray {m['ray']}")
+    print(f"Dataset: demo scale {s['scale']}, cases per split {results['dataset']['cases']}, prepared at {'x'.join(map(str, s['shape']))}; width {s['width']}; {s['trials']} trials x "
+          f"up to {s['epochs']} epochs, seed {s['seed']}, 1 trial at a time")
+    eff = results["efficiency"]
+    names = list(STRATEGIES)
+    print(f"\n1. Efficiency: target = {WITHIN} x best {METRIC} of either strategy = {eff[names[0]]['target']:.4f}")
+    print(f"{'':>34}" + "".join(f"{n:>20}" for n in names))
+    rows = [
+        ("best val Recall_M", "best_value", "{:.4f}"),
+        ("trial-epochs to target", "trial_epochs_to_target", "{}"),
+        ("total trial-epochs", "total_trial_epochs", "{}"),
+        ("sweep wall s", "sweep_wall_s", "{:.1f}"),
+        ("in-trial s (sum time_total_s)", "in_trial_s", "{:.1f}"),
+        ("  of which epochs s", "epochs_s", "{:.1f}"),
+        ("  of which Train start-up s", "trial_startup_s", "{:.1f}"),
+        ("outside trials s", "outside_trials_s", "{:.1f}"),
+        ("Tune overhead (1 - in/wall)", "tune_overhead_fraction", "{:.3f}"),
+    ]
+    for label, key, fmt in rows:
+        cells = [eff[n][key] for n in names]
+        print(f"{label:>34}" + "".join(f"{('-' if c is None else fmt.format(c)):>20}" for c in cells))
+    for n in names:
+        log = ", ".join(f"{t['trial_id'][-5:]}:{t['epochs']}ep/{t['best']:.3f}" for t in eff[n]["trial_log"])
+        print(f"   {n}: {log}; target reached at {eff[n]['target_reached_at']}")
+    p = results["pretrain_reuse"]
+    print(f"\n2. Pre-training reuse: {p['trials']} trials sharing one pre-training config "
+          f"({len(p['pretrain_cache_keys'])} cache key), {s['pretrain_epochs']} pre-train epochs")
+    print(f"   pre-training fits {p['pretraining_fits']}, reused from cache {p['reused_from_cache']}; "
+          f"measured pre-training {p['measured_pretrain_s']} s, copies {p['measured_reuse_copy_s']} s")
+    print(f"   pre-training time spent {p['pretrain_s_spent']:.1f} s vs every-trial-pre-trains "
+          f"{p['counterfactual_pretrain_s_estimate']:.1f} s (ESTIMATE: n_trials x measured) -> saved "
+          f"~{p['saved_s_estimate']:.1f} s of a {p['sweep_wall_s']:.1f} s sweep")
+    print(f"   Tune's first iteration (pre-training + start-up + epoch 1): fit trials {p['first_iter_s_fit_trials']} s, "
+          f"reuse trials {p['first_iter_s_reuse_trials']} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiniest run (2 trials x 2 epochs per strategy, 2 pre-training trials): ~2 min")
+    parser.add_argument("--trials", type=int, help="trials per efficiency sweep (default 6)")
+    parser.add_argument("--epochs", type=int, help="epoch budget per trial (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset, search and training seed")
+    parser.add_argument("--worker-niceness", type=int, default=0,
+                        help="niceness of Ray's workers (0 as `raytumor sweep` starts them; Ray's default is 15)")
+    parser.add_argument("--workdir", type=Path, help="where the temp dataset and sweeps go (default: system temp dir)")
+    args = parser.parse_args()
+    size = dict(SIZES["smoke" if args.smoke else "default"])
+    size.update({k: v for k, v in (("trials", args.trials), ("epochs", args.epochs)) if v})
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet ray.init starts
+    if args.smoke:  # shorter Ray Train teardown (as the tests run it); not for the figures
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another job's cluster
+    import ray
+
+    from raytumor.config import build_config
+    from raytumor.train.datasets import ensure_prepared
+
+    results = {"machine": machine(), "settings": {**size, "seed": args.seed, "worker_niceness": args.worker_niceness,
+                                                  "within": WITHIN, "metric": METRIC}}
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="raytumor-sweep-bench-", dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        print("writing the demo dataset ...", flush=True)
+        dataset, results["dataset"] = make_data(workdir, size, args.seed)
+        base = base_tree(dataset, size, args.seed)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR,
+                 log_to_driver=False)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            started = time.perf_counter()
+            ensure_prepared(build_config(base))  # outside every timed sweep
+            results["dataset"]["prepare_s"] = round(time.perf_counter() - started, 2)
+
+            space = {
+                "train.loss": {"type": "choice", "values": ["batch_all", "batch_hard"]},
+                "train.margin": {"type": "uniform", "low": 0.1, "high": 1.0},
+                "model.embedding_dim": {"type": "choice", "values": [6, 16]},
+            }
+            runs = {}
+            for name, strategy in STRATEGIES.items():
+                scheduler = ({"type": "asha", "grace_period": size["grace_period"], "reduction_factor": 2}
+                             if strategy["scheduler"] == "asha" else {"type": "none"})
+                path = write_space(workdir, name, base, search=strategy["search"], scheduler=scheduler,
+                                   num_samples=size["trials"], parameters=space, seed=args.seed)
+                print(f"sweep {name} ...", flush=True)
+                experiment, wall, started_at, load = timed_sweep(path)
+                runs[name] = (trial_histories(experiment), wall, started_at, load)
+
+            best_either = max(max(max(t["values"]) for t in trials) for trials, *_ in runs.values())
+            results["efficiency"] = {}
+            for name, (trials, wall, started_at, load) in runs.items():
+                figures = strategy_figures(trials, wall, started_at, WITHIN * best_either)
+                results["efficiency"][name] = {**figures, "load_average_before_after": load}
+
+            pretrain_base = {**base, "pretrain": {**base["pretrain"], "enabled": True},
+                             "train": {**base["train"], "epochs": size["pretrain_train_epochs"]}}
+            path = write_space(workdir, "pretrain_reuse", pretrain_base, search="random", scheduler={"type": "none"},
+                               num_samples=size["pretrain_trials"], seed=args.seed,
+                               parameters={"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}})
+            print("sweep pretrain_reuse ...", flush=True)
+            experiment, wall, _, load = timed_sweep(path)
+            results["pretrain_reuse"] = {**pretrain_figures(experiment, trial_histories(experiment), wall),
+                                         "load_average_before_after": load}
+        finally:
+            ray.shutdown()
+    print_report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
