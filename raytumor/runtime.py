@@ -41,7 +41,7 @@ def ray_session(
         # Ray starts workers at niceness 15; on a machine shared with other work that lets
         # every other process pre-empt the training workers (measured ~0.7x throughput).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(
+        started = ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=dashboard,
@@ -49,10 +49,10 @@ def ray_session(
             dashboard_port=dashboard_port,
             logging_level=logging.WARNING,
         )
-        if announce and dashboard:
-            context = ray.get_runtime_context()
-            url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
-            print(f"Ray dashboard: http://{url}")
+        if announce and dashboard and started.dashboard_url:
+            print(f"Ray dashboard: http://{started.dashboard_url}")
+            if os.environ.get("RAY_AUTH_MODE", "token") != "disabled":
+                print("  token authentication is on: log in with the token in ~/.ray/auth_token")
     try:
         yield
     finally:
