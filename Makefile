@@ -4,7 +4,6 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
-DEMO_SHAPE ?= 32,32,8
 export RAY_DEDUP_LOGS ?= 0
 
 .PHONY: venv demo test test-fast bench clean
@@ -16,7 +15,7 @@ $(BIN)/.ready: pyproject.toml scripts/setup-venv.sh
 venv: $(BIN)/.ready
 
 demo: venv
-	$(BIN)/raytumor demo --dir $(DEMO_DIR) --shape $(DEMO_SHAPE)
+	$(BIN)/raytumor demo --dir $(DEMO_DIR)
 
 test: venv
 	$(BIN)/python -m pytest -q
