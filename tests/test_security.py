@@ -193,6 +193,40 @@ def _invoke(*args: str) -> str:
     return result.output
 
 
+BAD_CASES = ("bad_nan", "bad_constant", "bad_4d")
+
+
+def import_marked(tmp_path: Path, n_per_class=(6, 6, 6)) -> tuple[Path, str]:
+    """``raytumor data import-folder`` of the marked source: the dataset and the command's output."""
+    labels = make_marked_source(tmp_path / "src", n_per_class)
+    sample = nib.load(str(tmp_path / "src" / "c000.nii.gz"))  # the markers really are in the files
+    assert sample.header["descrip"].item().decode() == MARKERS["descrip"]
+    assert EXTENSION_MARKER.encode() in sample.header.extensions[0].get_content()
+    dataset = tmp_path / "ds"
+    output = _invoke("data", "import-folder", str(tmp_path / "src"), "--labels", str(labels), "--out", str(dataset),
+                     "--rare-classes", "2")
+    assert read_manifest(dataset)["patient_id"].str.startswith(PATIENT_MARKER).all()  # the input did carry them
+    assert set(pd.read_csv(dataset / "import-quarantine.csv")["case_id"]) == set(BAD_CASES)
+    return dataset, output
+
+
+def add_bad_rows(dataset: Path, src: Path) -> None:
+    """List the quarantined cases in the manifest again, as a hand-edited manifest would."""
+    manifest = read_manifest(dataset)
+    bad_rows = pd.DataFrame([dict(case_id=c, image=str(src / f"{c}.nii.gz"), mask=None, label=0,
+                                  label_name=manifest["label_name"].iloc[0], patient_id=f"{PATIENT_MARKER}-{c}",
+                                  split="train", source="folder", mask_kind=None) for c in BAD_CASES])
+    write_manifest(dataset, pd.concat([manifest, bad_rows], ignore_index=True))
+
+
+def assert_no_marker(files: list[Path], texts: list[str], root: Path) -> None:
+    for marker in ALL_MARKERS:
+        for path in files:
+            assert marker.encode() not in path.read_bytes(), f"{marker} copied into {path.relative_to(root)}"
+        for text in texts:
+            assert marker not in text, f"{marker} in command output or figure text:\n{text}"
+
+
 def test_reports_never_copy_nifti_header_text_or_patient_ids(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
     from matplotlib.text import Text
@@ -206,33 +240,20 @@ def test_reports_never_copy_nifti_header_text_or_patient_ids(tmp_path, monkeypat
 
     monkeypatch.setattr(Figure, "savefig", recording_savefig)
 
-    labels = make_marked_source(tmp_path / "src")
-    sample = nib.load(str(tmp_path / "src" / "c000.nii.gz"))  # the markers really are in the files
-    assert sample.header["descrip"].item().decode() == MARKERS["descrip"]
-    assert EXTENSION_MARKER.encode() in sample.header.extensions[0].get_content()
-
-    dataset = tmp_path / "ds"
-    outputs = [_invoke("data", "import-folder", str(tmp_path / "src"), "--labels", str(labels), "--out", str(dataset),
-                       "--rare-classes", "2")]
-    assert read_manifest(dataset)["patient_id"].str.startswith(PATIENT_MARKER).all()  # the input did carry them
-    assert set(pd.read_csv(dataset / "import-quarantine.csv")["case_id"]) == {"bad_nan", "bad_constant", "bad_4d"}
-
+    dataset, output = import_marked(tmp_path)
+    outputs = [output]
     write_prepared_cache(dataset, shape=SHAPE)
     run = make_run(tmp_path / "runs", dataset, "marked")
     outputs.append(_invoke("evaluate", str(run), "--out", str(tmp_path / "report"), "--examples", "2"))
     outputs.append(_invoke("search", str(run), str(tmp_path / "src" / "c001.nii.gz"), "--csv",
                            str(tmp_path / "search.csv")))
+    assert "c001" in outputs[-1]  # the search printed its matches
 
-    # Validation of a manifest that still lists the bad cases: the problem table and summary.
-    manifest = read_manifest(dataset)
-    bad_rows = pd.DataFrame([dict(case_id=c, image=str(tmp_path / "src" / f"{c}.nii.gz"), mask=None, label=0,
-                                  label_name=manifest["label_name"].iloc[0], patient_id=f"{PATIENT_MARKER}-{c}",
-                                  split="train", source="folder", mask_kind=None)
-                             for c in ("bad_nan", "bad_constant", "bad_4d")])
-    write_manifest(dataset, pd.concat([manifest, bad_rows], ignore_index=True))
+    # Validation of a manifest that lists the bad cases again: the problem table and summary.
+    add_bad_rows(dataset, tmp_path / "src")
     outputs.append(_invoke("data", "validate", str(dataset)))
     report = validate_dataset(dataset)
-    assert report.n_bad == 3
+    assert report.n_bad == len(BAD_CASES)
     outputs += [report.summary(), report.to_frame().to_csv(index=False)]
 
     written = [dataset / "import-quarantine.csv", tmp_path / "search.csv",
@@ -240,10 +261,17 @@ def test_reports_never_copy_nifti_header_text_or_patient_ids(tmp_path, monkeypat
                *sorted(p for p in (run / "index").rglob("*") if p.is_file())]
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "metrics.json").is_file()
     assert plot_texts and any("c0" in t for t in plot_texts)  # figures were drawn, case ids and all
-    assert "c001" in outputs[2]  # the search printed its matches
-    for marker in ALL_MARKERS:
-        for path in written:
-            assert marker.encode() not in path.read_bytes(), f"{marker} copied into {path.relative_to(tmp_path)}"
-        for text in outputs:
-            assert marker not in text, f"{marker} in command output:\n{text}"
-        assert not any(marker in t for t in plot_texts), f"{marker} drawn into a report figure"
+    assert_no_marker(written, outputs + plot_texts, tmp_path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preprocessing_quarantine_never_copies_nifti_header_text(ray_local, tmp_path):
+    from raytumor.data.preprocess import PrepareSettings, prepare_dataset
+
+    dataset, _ = import_marked(tmp_path, n_per_class=(2, 2, 2))
+    add_bad_rows(dataset, tmp_path / "src")
+    prepared = prepare_dataset(dataset, PrepareSettings(shape=(8, 8, 4)))
+    quarantine = pd.read_csv(prepared.quarantine)
+    assert set(quarantine["case_id"]) == set(BAD_CASES)
+    assert_no_marker([prepared.quarantine, prepared.path / "meta.json"], [], tmp_path)

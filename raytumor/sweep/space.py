@@ -159,6 +159,11 @@ def load_search_space(path: str | os.PathLike) -> tuple[SearchSpace, dict]:
     base_tree = _base_tree(space, path)
     if space.dataset:
         base_tree = merge(base_tree, {"data": {"dataset": space.dataset}})
+    if "resources" in raw:  # the space's trial resources override its base config's
+        given = space.resources.model_dump(include=space.resources.model_fields_set)
+        if "gpus_per_worker" in given:
+            given["use_gpu"] = given.pop("gpus_per_worker") > 0  # Ray Train: one GPU per worker
+        base_tree = merge(base_tree, {"resources": given})
     _check_keys(space, base_tree, path)
     return space, base_tree
 
