@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raytumor.train.telemetry import EpochMetrics
+
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_MODEL_FILE = "best_model.pt"
 BACKBONE_FILE = "backbone.pt"
@@ -129,6 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         best_model, restarts = state["best_model"], state["restarts"] + 1
 
     bar = _progress(rank, train_cfg.epochs, start_epoch, f"train {config.name}")
+    telemetry = EpochMetrics(config.name, "train") if rank == 0 else None
     for epoch in range(start_epoch, train_cfg.epochs):
         _maybe_crash(loop_config, epoch, rank)
         started, waited = time.perf_counter(), 0.0
@@ -160,6 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 best_model = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
             metrics.update({"best_" + SELECTION_METRIC: best, "best_epoch": best_epoch})
             history.append(metrics)
+            telemetry.record(metrics)
             if bar is not None:
                 bar.set_description(f"train {config.name} loss {metrics['loss']:.4f} "
                                     f"val Recall_M {metrics[SELECTION_METRIC]:.3f} {metrics['samples_per_s']:.0f} samples/s")
@@ -226,6 +230,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
         start_epoch, history, restarts = state["epoch"], state["history"], state["restarts"] + 1
 
     bar = _progress(rank, pre.epochs, start_epoch, f"pretrain {config.name}")
+    telemetry = EpochMetrics(config.name, "pretrain") if rank == 0 else None
     for epoch in range(start_epoch, pre.epochs):
         _maybe_crash(loop_config, epoch, rank)
         started, waited = time.perf_counter(), 0.0
@@ -244,6 +249,8 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
             "data_wait_fraction": waited / seconds,
         }
         history.append(metrics)
+        if telemetry is not None:
+            telemetry.record(metrics)
         if bar is not None:
             bar.set_description(f"pretrain {config.name} loss {metrics['pretrain_loss']:.4f} "
                                 f"{metrics['samples_per_s']:.0f} samples/s")

@@ -95,3 +95,11 @@ def test_condition_on_a_fixed_parameter(tmp_path):
     distributions = {k: v.model_dump(exclude_none=True) for k, v in space.distributions().items()}
     trial = optuna.create_study().ask()
     assert set(suggest(trial, distributions, space.fixed())) == {"train.margin"}
+
+
+def test_space_resources_reach_the_trial_config(tmp_path):
+    path = write(tmp_path, {"name": "res", "resources": {"num_workers": 2, "cpus_per_worker": 0.5},
+                            "parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}}})
+    space, base = load_search_space(path)
+    config = trial_config(base, space, {"train.margin": 0.5})
+    assert config.resources.num_workers == 2 and config.resources.cpus_per_worker == 0.5
