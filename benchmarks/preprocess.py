@@ -28,12 +28,18 @@ and after it. Figures:
    stage alone (``from_pandas`` into B blocks -> ``map_batches(preprocess_batch)`` ->
    ``materialize``, as ``prepare_dataset`` builds it, with ``B = min(cases // batch + 1,
    4 x CPUs)``) for several block counts and batch sizes, with Ray Data's per-task wall/CPU
-   seconds and its split into input conversion, function body and output build; what follows
-   the map inside ``prepare_dataset`` (two filters, ``write_parquet``, ``to_pandas``,
-   ``count``) on a materialised result; ``prepare_dataset(batch_size=...)``; and the import
-   time a fresh worker process pays (measured in a fresh Python process). The loop's own time
-   is split into read + check, reorient, resize + normalise, and Parquet write, with its CPU
-   seconds.
+   seconds and their split into input conversion, function body and output build, and with
+   Ray Data's per-operator resource reservation on (its default) and off
+   (``DataContext.op_resource_reservation_enabled = False``: on 2 CPUs the reservation was
+   seen to run the map's tasks one at a time); what follows the map inside
+   ``prepare_dataset`` (two filters, ``write_parquet``, ``to_pandas``, ``count``) on a
+   materialised result, and a leaner two-pass version of it; a single streaming pass (map ->
+   ``write_parquet`` of every row, errors read back with pyarrow: a sketch of a leaner
+   ``prepare_dataset``, not what it does); ``prepare_dataset`` with
+   ``batch_size=64`` and with the reservation off (set on the driver's ``DataContext``,
+   ``raytumor`` unchanged); and the import time a fresh worker process pays (measured in a
+   fresh Python process). The loop's own time is split into read + check, reorient, resize +
+   normalise, and Parquet write, with its CPU seconds.
 
 The loop's output is checked against the cache ``prepare_dataset`` wrote (same case ids, same
 volumes), so both sides did the same work.
@@ -44,6 +50,7 @@ volumes), so both sides did the same work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -231,6 +238,47 @@ def after_map_stage(processed, out_dir: Path) -> None:
     good.count()
 
 
+def after_map_lean(processed, out_dir: Path) -> None:
+    """The same outputs in two passes: write the good rows, then one small ``to_pandas`` of the error
+    columns for the quarantine list and the count (the rows' ``error`` is already materialised)."""
+    from ray.data.expressions import col
+
+    processed.filter(expr=col("error") == "").drop_columns(["error", "error_file"]).write_parquet(str(out_dir))
+    errors = processed.select_columns(["case_id", "error_file", "error"]).to_pandas()
+    int((errors["error"] == "").sum())
+
+
+def single_pass(rows, settings, blocks: int, batch_size: int, out_dir: Path) -> int:
+    """One streaming execution instead of four: map -> ``write_parquet`` of every row (error columns
+    kept), then the quarantine list and count from the small columns with pyarrow. A sketch of a
+    leaner ``prepare_dataset``; readers would then filter ``error == ""``."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from raytumor.data.preprocess import preprocess_batch
+
+    (ray.data.from_pandas([rows.iloc[i::blocks] for i in range(blocks)])
+     .map_batches(preprocess_batch, fn_kwargs={"settings": settings}, batch_size=batch_size, batch_format="pandas")
+     .write_parquet(str(out_dir)))
+    errors = pq.read_table(out_dir, columns=["case_id", "error_file", "error"]).to_pandas()
+    return int((errors["error"] == "").sum())
+
+
+@contextlib.contextmanager
+def without_reservation():
+    """Ray Data's per-operator resource reservation off (``DataContext.op_resource_reservation_enabled``)
+    for this driver while the block runs; ``prepare_dataset`` picks up the driver's context."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = before
+
+
 def worker_import_s() -> float:
     """Seconds a fresh Python process takes to import what a preprocessing task needs."""
     code = f"import time; t = time.perf_counter(); {WORKER_IMPORTS}; print(time.perf_counter() - t)"
@@ -337,8 +385,8 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
 
     from raytumor.data.preprocess import prepare_dataset
 
-    print("variants: loop at 1 thread, map stage layouts, after-map stage, prepare_dataset(batch_size) ...", flush=True)
-    out: dict = {"worker_import_s": round(worker_import_s(), 2)}
+    print("variants: loop at 1 thread, map stage layouts, after-map stage, prepare_dataset settings ...", flush=True)
+    out: dict = {"worker_import_s": None if smoke else round(worker_import_s(), 2)}
     rows = manifest_rows(dataset)
     n, cpus = len(rows), int(ray.available_resources().get("CPU", 1))
 
@@ -353,25 +401,38 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
     seconds, around, _ = bench.measure(one_thread)
     out["loop_1_thread"] = {"loop_s": round(seconds, 3), "loop_default_threads_s_around": round(around, 3)}
 
-    out["map_stage"] = []
+    def ratio_row(seconds: float, around: float, **facts) -> dict:
+        return {**facts, "seconds": round(seconds, 3), "loop_s_around": round(around, 3),
+                "loop_over_this": round(around / seconds, 3)}
+
     layouts = map_variants(n, cpus)
-    for blocks, batch in layouts[:1] if smoke else layouts:
-        seconds, around, processed = bench.measure(lambda: map_stage(rows, settings, blocks, batch))
-        row = {"blocks": blocks, "batch_size": batch, "map_s": round(seconds, 3), "loop_s_around": round(around, 3),
-               "loop_over_map": round(around / seconds, 3), **map_task_stats(processed)}
-        out["map_stage"].append(row)
-        if "after_map" not in out:  # prepare_dataset's own layout comes first
-            after, around, _ = bench.measure(lambda: after_map_stage(processed, workdir / f"after-map-{blocks}"))
-            out["after_map"] = {"after_map_s": round(after, 3), "loop_s_around": round(around, 3),
-                                "fraction_of_loop": round(after / around, 3)}
+    runs = [(blocks, batch, True) for blocks, batch in layouts] + [(blocks, batch, False) for blocks, batch in layouts[:2]]
+    out["map_stage"] = []
+    for blocks, batch, reservation in [(*layouts[0], True), (*layouts[0], False)] if smoke else runs:
+        with contextlib.nullcontext() if reservation else without_reservation():
+            seconds, around, processed = bench.measure(lambda: map_stage(rows, settings, blocks, batch))
+        out["map_stage"].append(ratio_row(seconds, around, blocks=blocks, batch_size=batch, reservation=reservation,
+                                          **map_task_stats(processed)))
+        if "after_map" not in out:  # on prepare_dataset's own layout, which comes first
+            after, around, _ = bench.measure(lambda: after_map_stage(processed, workdir / "after-map"))
+            out["after_map"] = ratio_row(after, around)
+            lean, around, _ = bench.measure(lambda: after_map_lean(processed, workdir / "after-map-lean"))
+            out["after_map_lean"] = ratio_row(lean, around)
         del processed
 
-    out["prepare_dataset_batch_size"] = []
-    for batch in [] if smoke else [64]:
-        seconds, around, _ = bench.measure(lambda: prepare_dataset(dataset, settings, force=True, batch_size=batch))
-        out["prepare_dataset_batch_size"].append({
-            "batch_size": batch, "blocks": max(1, min(n // batch + 1, cpus * 4)), "prepare_s": round(seconds, 3),
-            "loop_s_around": round(around, 3), "speedup": round(around / seconds, 3)})
+    layout = layouts[0] if smoke else (cpus, 8)
+    with without_reservation():
+        seconds, around, n_good = bench.measure(
+            lambda: single_pass(rows, settings, *layout, workdir / "single-pass"))
+    assert n_good == n - bench.loop_runs[0]["quarantined"]
+    out["single_pass"] = ratio_row(seconds, around, blocks=layout[0], batch_size=layout[1], reservation=False)
+
+    out["prepare_dataset"] = []
+    for batch, reservation in [(8, False)] if smoke else [(64, True), (8, False), (64, False)]:
+        with contextlib.nullcontext() if reservation else without_reservation():
+            seconds, around, _ = bench.measure(lambda: prepare_dataset(dataset, settings, force=True, batch_size=batch))
+        out["prepare_dataset"].append(ratio_row(seconds, around, batch_size=batch, reservation=reservation,
+                                                blocks=max(1, min(n // batch + 1, cpus * 4))))
     return out
 
 
@@ -398,22 +459,31 @@ def print_report(results: dict) -> None:
     if not v:
         return
     one = v["loop_1_thread"]
-    print(f"\nWhere the time goes (warm workers). Fresh-process import of a task's modules: {v['worker_import_s']:.1f} s; "
-          f"loop at 1 torch thread {one['loop_s']:.2f} s vs {one['loop_default_threads_s_around']:.2f} s at "
-          f"{m['torch_threads_loop']}")
-    print(f"{'blocks':>7} {'batch':>6} {'map s':>7} {'loop s':>7} {'loop/map':>9} {'tasks':>6} {'task wall':>10}"
-          f" {'task CPU':>9} {'to pandas':>10} {'fn body':>8} {'to block':>9}   (task seconds summed)")
+    print(f"\nWhere the time goes (warm workers; every row bracketed by loop runs). Fresh-process import of a "
+          f"task's modules: {_f(v['worker_import_s'])} s; loop at 1 torch thread {one['loop_s']:.2f} s vs "
+          f"{one['loop_default_threads_s_around']:.2f} s at {m['torch_threads_loop']}")
+    print("Map stage alone (from_pandas -> map_batches(preprocess_batch) -> materialize); task columns are Ray Data's "
+          "per-task seconds, summed")
+    print(f"{'blocks':>7} {'batch':>6} {'reserve':>8} {'map s':>7} {'loop s':>7} {'loop/map':>9} {'tasks':>6}"
+          f" {'task wall':>10} {'task CPU':>9} {'to pandas':>10} {'fn body':>8} {'to block':>9}")
     for r in v["map_stage"]:
-        print(f"{r['blocks']:>7} {r['batch_size']:>6} {r['map_s']:>7.2f} {r['loop_s_around']:>7.2f}"
-              f" {r['loop_over_map']:>9.2f} {r.get('tasks') or '-':>6} {_f(r.get('task_wall_time_sum_s')):>10}"
-              f" {_f(r.get('task_cpu_time_sum_s')):>9} {_f(r.get('task_input_prep_time_sum_s')):>10}"
-              f" {_f(r.get('task_function_body_time_sum_s')):>8} {_f(r.get('task_output_build_time_sum_s')):>9}")
-    a = v["after_map"]
-    print(f"   after the map (filter, write_parquet, filter + to_pandas, count): {a['after_map_s']:.2f} s "
-          f"= {a['fraction_of_loop']:.2f} x the whole loop ({a['loop_s_around']:.2f} s)")
-    for r in v["prepare_dataset_batch_size"]:
-        print(f"   prepare_dataset(batch_size={r['batch_size']}) ({r['blocks']} blocks): {r['prepare_s']:.2f} s, "
-              f"loop {r['loop_s_around']:.2f} s, speed-up {r['speedup']:.2f}")
+        print(f"{r['blocks']:>7} {r['batch_size']:>6} {str(r['reservation']):>8} {r['seconds']:>7.2f}"
+              f" {r['loop_s_around']:>7.2f} {r['loop_over_this']:>9.2f} {r.get('tasks') or '-':>6}"
+              f" {_f(r.get('task_wall_time_sum_s')):>10} {_f(r.get('task_cpu_time_sum_s')):>9}"
+              f" {_f(r.get('task_input_prep_time_sum_s')):>10} {_f(r.get('task_function_body_time_sum_s')):>8}"
+              f" {_f(r.get('task_output_build_time_sum_s')):>9}")
+    a, lean = v["after_map"], v["after_map_lean"]
+    print(f"   after the map as prepare_dataset does it (filter + write_parquet, filter + to_pandas, count): "
+          f"{a['seconds']:.2f} s = {1 / a['loop_over_this']:.2f} x the loop; write + one to_pandas of the error "
+          f"columns: {lean['seconds']:.2f} s = {1 / lean['loop_over_this']:.2f} x the loop")
+    sp = v["single_pass"]
+    print(f"   single pass (map -> write_parquet of all rows, errors read back with pyarrow; {sp['blocks']} blocks, batch "
+          f"{sp['batch_size']}, reservation off): {sp['seconds']:.2f} s, loop {sp['loop_s_around']:.2f} s, "
+          f"speed-up {sp['loop_over_this']:.2f}")
+    for r in v["prepare_dataset"]:
+        print(f"   prepare_dataset(batch_size={r['batch_size']}) ({r['blocks']} blocks), reservation "
+              f"{'on' if r['reservation'] else 'off'}: {r['seconds']:.2f} s, loop {r['loop_s_around']:.2f} s, "
+              f"speed-up {r['loop_over_this']:.2f}")
 
 
 def _f(value) -> str:

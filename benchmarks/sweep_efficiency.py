@@ -14,8 +14,9 @@ dataset written by ``make_demo_dataset`` into a temp dir and prepared once befor
    configurations are the random sweep's first ones; the strategies differ in ASHA's stops
    and in the later trials. The same configuration does not give the same curve twice (seen:
    val Recall_M 0.130 vs 0.093 after 2 epochs), so with a handful of trials the comparison
-   carries run-to-run noise; ``trial_log`` lists each trial's parameters, epochs and best value. Per-trial histories come from Tune's
-   ``<experiment>/tune/<trial_id>/result.json`` (one JSON line per reported epoch). Trials are
+   carries run-to-run noise; ``trial_log`` lists each trial's parameters, epochs and best value.
+   Per-trial histories come from Tune's ``<experiment>/tune/<trial_id>/result.json`` (one JSON
+   line per reported epoch). Trials are
    ordered by start time (first line's ``timestamp - time_total_s``, i.e. when Tune's clock for
    the trial started; ties by trial id) and their epochs concatenated in that order:
    - ``trial_epochs_to_target``: reported epochs (summed over trials, in that order) until the
@@ -41,6 +42,11 @@ dataset written by ``make_demo_dataset`` into a temp dir and prepared once befor
    Measured time of a trial's pre-training step = mtime of ``pretrain_backbone.pt`` - mtime of
    ``config.yaml`` (written just before). The counterfactual where every trial pre-trains is an
    ESTIMATE: n_trials x the measured pre-training time; time saved = that - what the sweep spent.
+
+Every Ray worker gets ``RAY_ADDRESS`` = its own cluster (``pin_ray_address``, a worker set-up
+hook): without it, on a machine running other Ray instances, Ray Train's placement-group
+cleaner fails and every trial ASHA stops leaks its worker's CPU, which hangs the sweep on 2 CPUs.
+``placement_groups_left_after`` counts what a sweep left behind (0 expected).
 
 ``--smoke`` (2 trials x 2 epochs per strategy, 2 pre-training trials) only checks that the script
 runs; it also sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5`` (shorter teardown) as the tests do.
@@ -126,6 +132,21 @@ def timed_sweep(space_path: Path) -> tuple[Path, float, float, list]:
     result = run_sweep(space_path, verbose=0)
     wall = time.perf_counter() - started
     return result.experiment_dir, wall, started_at, [round(load_before, 2), round(os.getloadavg()[0], 2)]
+
+
+from raytumor.runtime import pin_ray_address  # noqa: E402  (the same hook raytumor's embedded Ray uses)
+
+
+def live_placement_groups(wait_s: float = 15.0) -> int:
+    """Placement groups not removed after a sweep (the cleaner gets ``wait_s`` to catch up)."""
+    from ray.util import placement_group_table
+
+    deadline = time.time() + wait_s
+    while True:
+        live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live or time.time() > deadline:
+            return len(live)
+        time.sleep(1)
 
 
 # --- analysis -------------------------------------------------------------------------------
@@ -272,7 +293,8 @@ def print_report(results: dict) -> None:
         print(f"{label:>34}" + "".join(f"{('-' if c is None else fmt.format(c)):>20}" for c in cells))
     for n in names:
         log = ", ".join(f"{t['trial_id'][-5:]}:{t['epochs']}ep/{t['best']:.3f}" for t in eff[n]["trial_log"])
-        print(f"   {n}: {log}; target reached at {eff[n]['target_reached_at']}")
+        print(f"   {n}: {log}; target reached at {eff[n]['target_reached_at']}; "
+              f"placement groups left after: {eff[n]['placement_groups_left_after']}")
     p = results["pretrain_reuse"]
     print(f"\n2. Pre-training reuse: {p['trials']} trials sharing one pre-training config "
           f"({len(p['pretrain_cache_keys'])} cache key), {s['pretrain_epochs']} pre-train epochs")
@@ -321,7 +343,7 @@ def main() -> None:
         dataset, results["dataset"] = make_data(workdir, size, args.seed)
         base = base_tree(dataset, size, args.seed)
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR,
-                 log_to_driver=False)
+                 log_to_driver=False, runtime_env={"worker_process_setup_hook": pin_ray_address})
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             started = time.perf_counter()
@@ -341,13 +363,14 @@ def main() -> None:
                                    num_samples=size["trials"], parameters=space, seed=args.seed)
                 print(f"sweep {name} ...", flush=True)
                 experiment, wall, started_at, load = timed_sweep(path)
-                runs[name] = (trial_histories(experiment), wall, started_at, load)
+                runs[name] = (trial_histories(experiment), wall, started_at, load, live_placement_groups())
 
             best_either = max(max(max(t["values"]) for t in trials) for trials, *_ in runs.values())
             results["efficiency"] = {}
-            for name, (trials, wall, started_at, load) in runs.items():
+            for name, (trials, wall, started_at, load, leaked) in runs.items():
                 figures = strategy_figures(trials, wall, started_at, WITHIN * best_either)
-                results["efficiency"][name] = {**figures, "load_average_before_after": load}
+                results["efficiency"][name] = {**figures, "load_average_before_after": load,
+                                               "placement_groups_left_after": leaked}
 
             pretrain_base = {**base, "pretrain": {**base["pretrain"], "enabled": True},
                              "train": {**base["train"], "epochs": size["pretrain_train_epochs"]}}
@@ -357,7 +380,8 @@ def main() -> None:
             print("sweep pretrain_reuse ...", flush=True)
             experiment, wall, _, load = timed_sweep(path)
             results["pretrain_reuse"] = {**pretrain_figures(experiment, trial_histories(experiment), wall),
-                                         "load_average_before_after": load}
+                                         "load_average_before_after": load,
+                                         "placement_groups_left_after": live_placement_groups()}
         finally:
             ray.shutdown()
     print_report(results)

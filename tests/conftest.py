@@ -77,8 +77,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from raytumor.runtime import EMBEDDED_RUNTIME_ENV
+
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
-                 log_to_driver=False)
+                 log_to_driver=False, runtime_env=EMBEDDED_RUNTIME_ENV)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -32,3 +32,66 @@ def test_train_throughput_smoke(tmp_path):
     assert len(overhead["ray_epochs"]) == overhead["epochs"] == 2
     assert overhead["ray_in_loop_samples_per_s"] > 0 and overhead["plain_in_loop_samples_per_s"] > 0
     assert overhead["in_loop_ratio_ray_over_plain"] > 0 and overhead["ray_wall_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_preprocess_smoke(tmp_path):
+    out = tmp_path / "preprocess.json"
+    # ~30 s on 2 idle cores (Ray start and the workers' first imports dominate); the limit only stops a hang.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/preprocess.py", "--smoke", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "speed-up" in proc.stdout and "cache hit" in proc.stdout
+    results = json.loads(out.read_text())
+    side = results["side_by_side"]
+    assert side["cases"] == 40 and len(side["runs"]) == 2  # one cold and one warm prepare_dataset
+    assert side["speedup_cold"] > 0 and side["speedup_warm"] > 0 and side["cache_hit_s"] > 0
+    # The loop did the same work as prepare_dataset: same cases, same volumes.
+    assert results["same_output"]["same_case_ids"]
+    assert results["same_output"]["max_abs_volume_difference"] < 1e-5
+    variants = results["variants"]
+    assert {r["reservation"] for r in variants["map_stage"]} == {True, False}
+    assert variants["after_map"]["seconds"] > 0 and variants["single_pass"]["seconds"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_scaling_smoke(tmp_path):
+    out = tmp_path / "scaling.json"
+    # Two short Ray Train fits (1 worker, then 2 x 0.5 CPU); the limit only stops a hung run.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/scaling.py", "--smoke", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "efficiency" in proc.stdout
+    results = json.loads(out.read_text())
+    assert [r["layout"] for r in results["runs"]] == ["1x1", "2x0.5"]
+    for run in results["runs"]:
+        assert len(run["epochs"]) == 2 and run["samples_per_s"] > 0 and 0 <= run["data_wait_fraction"] < 1
+    (row,) = results["scaling"]
+    assert row["layout"] == "2x0.5" and row["cores_used"] == 2 and row["efficiency"] > 0
+    assert results["worker_threads"] == {"0.5": 1, "1": 1}  # Ray sets OMP_NUM_THREADS=1 for <= 1 CPU
+    assert results["first_batch"]["first_batch_proxy_s"] > 0 and results["first_batch"]["train_rows"] > 0
+
+
+@pytest.mark.slow
+def test_run_collects_a_summary(tmp_path):
+    # knn alone keeps this quick; the other scripts' smoke runs have their own tests.
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--smoke", "--only", "knn", "--json-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["scripts"]["knn"]["status"] == "ok" and summary["smoke"]
+    figures = {row["figure"] for row in summary["figures"]}
+    assert figures == {"1", "2", "3", "4", "5", "6", "7"}  # every figure has a row, measured or not
+    knn_rows = [row for row in summary["figures"] if row["figure"] == "5"]
+    assert len(knn_rows) == 2 and all("ms" in row["measured"] for row in knn_rows)
+    gpu = [row for row in summary["figures"] if row["figure"] == "7"]
+    assert "not measured" in gpu[0]["measured"]
+    assert "knn_scores" in proc.stdout and (tmp_path / "knn.json").is_file()

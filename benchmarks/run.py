@@ -1,0 +1,180 @@
+"""Run every benchmark, one subprocess each, collect their JSON and print one summary table.
+
+Each script runs with ``--json DIR/<name>.json`` (its stdout and stderr go to ``DIR/<name>.log``)
+one after the other, so no two compete for the 2 CPUs; a script that fails or runs past
+``--timeout`` is reported and the others still run. ``--smoke`` is passed through (``knn.py``,
+which has no ``--smoke``, gets a small size instead). ``benchmarks/sweep_efficiency.py`` runs
+when it exists. The summary (figure, measured, target, met) is printed and written to
+``DIR/summary.json``; the figure numbers follow docs/benchmarks.md.
+
+    python benchmarks/run.py [--smoke] [--json-dir DIR] [--only knn preprocess ...] [--timeout 1800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+# name -> (script, extra arguments for --smoke); in the order they run.
+SCRIPTS = {
+    "knn": ("knn.py", ["--n-ref", "500", "--n-query", "100", "--repeats", "1"]),
+    "preprocess": ("preprocess.py", ["--smoke"]),
+    "scaling": ("scaling.py", ["--smoke"]),
+    "train_throughput": ("train_throughput.py", ["--smoke"]),
+    "sweep_efficiency": ("sweep_efficiency.py", ["--smoke"]),
+}
+
+
+def run_script(name: str, smoke: bool, json_dir: Path, timeout: float) -> dict:
+    script, smoke_args = SCRIPTS[name]
+    path = BENCH_DIR / script
+    if not path.is_file():
+        return {"status": "missing", "seconds": 0.0}
+    out = json_dir / f"{name}.json"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(path), *(smoke_args if smoke else []), "--json", str(out)]
+    started = time.perf_counter()
+    with open(json_dir / f"{name}.log", "w") as log:
+        try:
+            proc = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {timeout:.0f} s"
+    seconds = time.perf_counter() - started
+    if status == "ok" and not out.is_file():
+        status = "no JSON"
+    return {"status": status, "seconds": round(seconds, 1), "json": str(out) if out.is_file() else None}
+
+
+def load(json_dir: Path, name: str, names_run) -> dict | list | None:
+    """A script's JSON from this invocation (never a stale file of a script that did not run)."""
+    path = json_dir / f"{name}.json"
+    return json.loads(path.read_text()) if name in names_run and path.is_file() else None
+
+
+def met(value, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "-"
+    return "yes" if (value >= target if higher_is_better else value < target) else "no"
+
+
+def summary_rows(json_dir: Path, names_run) -> list[dict]:
+    """One row per figure, from whatever JSON the scripts left; a missing figure says so."""
+    rows = []
+
+    def row(figure: str, name: str, measured: str, target: str = "-", ok: str = "-") -> None:
+        rows.append({"figure": figure, "name": name, "measured": measured, "target": target, "met": ok})
+
+    tt = load(json_dir, "train_throughput", names_run)
+    overhead = (tt or {}).get("ray_overhead")
+    if overhead:
+        ratio = overhead["in_loop_ratio_ray_over_plain"]
+        row("1", "Ray Train 1 worker / plain loop, in-loop samples/s", f"{ratio:.3f} (fixed cost per fit "
+            f"{overhead['ray_fixed_cost_s']:.1f} s)", ">= 0.95", met(ratio, 0.95, True))
+    else:
+        row("1", "Ray Train 1 worker / plain loop", "not measured (train_throughput failed or skipped)")
+    for step in (tt or {}).get("step_throughput", []):
+        shape = "x".join(map(str, step["shape"]))
+        row("1", f"train step {shape}, width {step['width']}, batch {step['batch']}",
+            f"{step['samples_per_s']:.2f} samples/s ({step['train_gflop_per_sample']:.1f} GFLOP/sample fwd+bwd)")
+
+    sc = load(json_dir, "scaling", names_run)
+    if sc:
+        for r in sc["scaling"]:
+            row("2", f"scaling {r['layout']} vs 1x1 (workers x CPUs)", f"efficiency {r['efficiency']:.3f}, "
+                f"speed-up {r['speedup_vs_1x1']:.2f}", "report")
+    else:
+        row("2", "scaling 2 workers vs 1", "not measured (scaling failed or skipped)")
+
+    pp = load(json_dir, "preprocess", names_run)
+    if pp:
+        s = pp["side_by_side"]
+        row("3", f"prepare_dataset vs single-process loop, {s['cases']} cases, warm", f"{s['speedup_warm']:.2f}x",
+            ">= 1.7x", met(s["speedup_warm"], 1.7, True))
+        row("3", "prepare_dataset vs loop, cold (first call after ray.init)", f"{s['speedup_cold']:.2f}x",
+            ">= 1.7x", met(s["speedup_cold"], 1.7, True))
+        row("3", "prepare_dataset cache hit", f"{s['cache_hit_s']:.3f} s", "< 1 s", met(s["cache_hit_s"], 1.0, False))
+    else:
+        row("3", "preprocessing speed-up and cache hit", "not measured (preprocess failed or skipped)")
+
+    if sc:
+        wait = max(r["data_wait_fraction"] for r in sc["runs"])
+        row("4", "data wait fraction, epochs 2.. (worst layout)", f"{wait:.4f}", "< 0.02", met(wait, 0.02, False))
+        first = sc["first_batch"]["first_batch_proxy_s"]
+        row("4", "time to first batch (driver proxy: read_stage_datasets + load_arrays)", f"{first:.2f} s", "< 2 s",
+            met(first, 2.0, False))
+    else:
+        row("4", "data wait and time to first batch", "not measured (scaling failed or skipped)")
+
+    knn = load(json_dir, "knn", names_run)
+    if knn:
+        for r in knn:
+            row("5", f"knn_scores {r['n_ref']}x{r['n_query']}, D={r['dim']}", f"{r['knn_scores_ms']:.1f} ms vs sklearn "
+                f"{r['sklearn_brute_ms']:.1f} ms ({r['speedup_vs_sklearn']:.1f}x)")
+    else:
+        row("5", "K-NN vs scikit-learn", "not measured (knn failed or skipped)")
+
+    sw = load(json_dir, "sweep_efficiency", names_run)
+    eff = (sw or {}).get("efficiency")
+    if eff:
+        for strategy, figures in eff.items():
+            row("6", f"sweep {strategy}", f"trial-epochs to target {figures.get('trial_epochs_to_target')} of "
+                f"{figures.get('total_trial_epochs')}, Tune overhead {figures.get('tune_overhead_fraction')}")
+        reuse = sw.get("pretrain_reuse") or {}
+        if reuse:
+            row("6", "pre-training reused across trials", f"{reuse.get('pretraining_fits')} fit(s), "
+                f"{reuse.get('reused_from_cache')} reuse(s), ~{reuse.get('saved_s_estimate')} s saved (estimate)")
+    else:
+        row("6", "sweep efficiency", "not measured (sweep_efficiency failed, missing or skipped)")
+
+    row("7", "GPU throughput", "not measured (no GPU on this machine)")
+    return rows
+
+
+def print_table(rows: list[dict], statuses: dict) -> None:
+    print("\nScripts: " + ", ".join(f"{n} {s['status']} ({s['seconds']:.0f} s)" for n, s in statuses.items()))
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("figure", "name", "measured", "target", "met")}
+    header = "  ".join(k.ljust(widths[k]) for k in widths)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print("  ".join(r[k].ljust(widths[k]) for k in widths))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="pass --smoke to every script (knn: a small size)")
+    parser.add_argument("--json-dir", type=Path, help="where the JSON, logs and summary go (default: a new temp dir)")
+    parser.add_argument("--only", nargs="+", choices=list(SCRIPTS), help="run only these")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per script before it is stopped")
+    args = parser.parse_args()
+    json_dir = args.json_dir or Path(tempfile.mkdtemp(prefix="raytumor-bench-"))
+    json_dir.mkdir(parents=True, exist_ok=True)
+
+    load_before = os.getloadavg()[0]
+    statuses = {}
+    for name in args.only or list(SCRIPTS):
+        print(f"{name} ...", flush=True)
+        statuses[name] = run_script(name, args.smoke, json_dir, args.timeout)
+        print(f"   {statuses[name]['status']} in {statuses[name]['seconds']:.0f} s; log {json_dir / (name + '.log')}",
+              flush=True)
+    rows = summary_rows(json_dir, statuses)
+    print_table(rows, statuses)
+    summary = {"cpu_count": os.cpu_count(), "load_average_before_after": [round(load_before, 2),
+                                                                           round(os.getloadavg()[0], 2)],
+               "smoke": args.smoke, "scripts": statuses, "figures": rows}
+    (json_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nJSON, logs and summary.json in {json_dir}")
+    sys.exit(0 if all(s["status"] in ("ok", "missing") for s in statuses.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Benchmark: Ray Train data-parallel scaling on this machine (2 workers vs 1), data wait, time to first batch.
+
+Every run is a real ``raytumor.train.trainer.run_training(config)`` (training only, no
+pre-training) on one local Ray (``ray.init(num_cpus=2)``, workers at niceness 0 as
+``raytumor`` starts them), over a small synthetic dataset (``tests/conftest.py::make_dataset``:
+``--classes`` classes x ``--cases-per-class`` blob volumes, 70 % to train) prepared once and
+read once in the driver: every run gets the same materialised Ray Datasets
+(``shared_datasets``), so Ray Data starts no read tasks while the Train workers hold the CPUs.
+
+1. Scaling. Resource layouts ``WORKERSxCPUS`` (``resources.num_workers`` x
+   ``resources.cpus_per_worker``), default ``1x1`` (the baseline), ``2x0.5``, ``2x1`` and
+   ``1x2``. The baseline runs first and again last; every other layout is compared with the
+   mean of the two, so a change in machine load biases no layout. Every worker runs the same
+   ``--steps-per-epoch`` steps of ``train.batch_size`` rows per epoch (batch size is per
+   worker, so 2 workers process twice the samples per epoch: weak scaling, as data-parallel
+   training runs). The loop reports per-epoch ``samples_per_s`` (global: steps x batch x world
+   size / rank 0's epoch seconds, validation excluded) in the run's ``metrics.csv``; steady
+   state = epochs 2.. (total samples over total time). Efficiency = samples/s(layout) /
+   (workers x CPUs-per-worker-rounded-up x samples/s(1x1)), i.e. against ideal linear scaling
+   in cores used: ``2x0.5`` and ``2x1`` against 2 x the baseline, ``1x2`` (one worker, 2 torch
+   threads) likewise. Ray sets a worker's ``OMP_NUM_THREADS`` from its CPUs (0.5 -> 1, 1 -> 1,
+   2 -> 2); the torch threads a fresh actor of each size gets are measured and reported. A layout that
+   does not finish within ``--fit-timeout`` stops the benchmark with its partial JSON and says
+   which (RAY-NOTES: Train workers holding every CPU can starve Ray Data).
+2. Data wait: ``data_wait_fraction`` (time per epoch spent fetching the batch from the
+   worker's in-memory shard) over epochs 2.., per layout, from ``metrics.csv``. Target < 2 %.
+3. Time to first batch from the cache, measured in the driver as a proxy for a worker (which
+   reads its shard with ``load_arrays`` before its first step): ``read_stage_datasets`` (read
+   the Parquet cache, split train/val, materialise) + ``load_arrays`` of the train split, and
+   ``load_arrays`` of a ``streaming_split(1)`` iterator of it (the path a worker's shard takes).
+   Median of 3, and the session's first call (Ray Data's first start) on its own. Target < 2 s.
+
+``--smoke`` (16x16x4 volumes, layouts ``1x1`` and ``2x0.5`` once each, 2 epochs x 2 steps,
+shorter Ray Train teardown) only checks that the script runs.
+
+    python benchmarks/scaling.py [--json results.json] [--smoke] [--layouts 1x1 2x0.5 2x1 1x2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES_PER_CLASS = 3
+TARGET_DATA_WAIT = 0.02
+TARGET_FIRST_BATCH_S = 2.0
+SIZES = {
+    "default": dict(shape=(32, 32, 8), width=0.25, batch=30, classes=10, cases_per_class=12, epochs=4,
+                    steps_per_epoch=8, layouts=["1x1", "2x0.5", "2x1", "1x2"]),
+    "smoke": dict(shape=(16, 16, 4), width=0.25, batch=12, classes=4, cases_per_class=8, epochs=2,
+                  steps_per_epoch=2, layouts=["1x1", "2x0.5"]),
+}
+
+
+def parse_layout(text: str) -> tuple[int, float]:
+    workers, cpus = text.lower().split("x")
+    return int(workers), float(cpus)
+
+
+def import_make_dataset():
+    """``tests.conftest.make_dataset``, without keeping the env defaults conftest sets for the tests."""
+    saved = dict(os.environ)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.conftest import make_dataset
+
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    return make_dataset
+
+
+def steady(history: list[dict]) -> tuple[float, float]:
+    """samples/s (total samples over total time: every epoch runs the same steps) and mean
+    data-wait fraction over epochs 2.. (epoch 1 only when there is no other)."""
+    rows = history[1:] or history
+    rate = len(rows) / sum(1.0 / r["samples_per_s"] for r in rows)
+    wait = sum(r["data_wait_fraction"] for r in rows) / len(rows)
+    return rate, wait
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+def first_batch_proxy(config, repeats: int) -> dict:
+    """Driver-side proxy for a worker's time to first batch: read the cache, then load the train rows."""
+    from raytumor.train.datasets import load_arrays, read_stage_datasets
+
+    read_s, load_s, split_s = [], [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        datasets = read_stage_datasets(config, augmented=False, pretraining=False)
+        read_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        volumes, _ = load_arrays(datasets["train"])
+        load_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        (shard,) = datasets["train"].streaming_split(1)
+        load_arrays(shard)
+        split_s.append(time.perf_counter() - started)
+    read, load = statistics.median(read_s), statistics.median(load_s)
+    return {
+        "read_stage_datasets_s_runs": [round(x, 3) for x in read_s],
+        "load_arrays_s_runs": [round(x, 3) for x in load_s],
+        "first_call_s": round(read_s[0] + load_s[0], 3),
+        "read_stage_datasets_s": round(read, 3),
+        "load_arrays_s": round(load, 3),
+        "load_arrays_streaming_split_s": round(statistics.median(split_s), 3),
+        "first_batch_proxy_s": round(read + load, 3),
+        "target_s": TARGET_FIRST_BATCH_S,
+        "train_rows": int(len(volumes)),
+        "train_mb": round(volumes.nbytes / 2**20, 2),
+        "repeats": repeats,
+    }
+
+
+def actor_threads(cpus: float) -> int:
+    """torch threads in a fresh Ray actor holding ``cpus`` CPUs, as a Train worker is (Ray sets its
+    ``OMP_NUM_THREADS``). Not a task: a pooled task worker keeps the threads of the task that first
+    imported torch in it."""
+    import ray
+
+    @ray.remote
+    class Probe:
+        def threads(self) -> int:
+            import torch
+
+            return torch.get_num_threads()
+
+    probe = Probe.options(num_cpus=cpus).remote()
+    try:
+        return ray.get(probe.threads.remote())
+    finally:
+        ray.kill(probe)
+
+
+def run_layout(base_overrides: list[str], name: str, workers: int, cpus: float, steps: int, shared: dict,
+               timeout_s: float, partial: dict, json_path: str | None) -> dict:
+    """One ``run_training`` with ``workers`` x ``cpus``; its per-epoch history from ``metrics.csv``."""
+    import pandas as pd
+
+    from raytumor.config import load_config
+    from raytumor.train.trainer import run_training
+
+    config = load_config(overrides=[*base_overrides, f"name={name}", f"resources.num_workers={workers}",
+                                    f"resources.cpus_per_worker={cpus}"])
+
+    def hung() -> None:  # a layout that never starts (or stalls) would block here forever
+        partial["hung"] = {"layout": f"{workers}x{cpus:g}", "after_s": timeout_s}
+        print(f"\n{workers}x{cpus:g} did not finish within {timeout_s:.0f} s: stopping (partial results kept)",
+              flush=True)
+        if json_path:
+            Path(json_path).write_text(json.dumps(partial, indent=2))
+        os._exit(3)
+
+    watchdog = threading.Timer(timeout_s, hung)
+    watchdog.daemon = True
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    watchdog.start()
+    try:
+        result = run_training(config, stages=("train",), shared_datasets=shared,
+                              extra_loop_config={"steps_per_epoch": steps})
+    finally:
+        watchdog.cancel()
+    wall = time.perf_counter() - started
+    history = pd.read_csv(result.run_dir / "metrics.csv").to_dict("records")
+    rate, wait = steady(history)
+    samples = sum(steps * config.train.batch_size * workers for _ in history)
+    return {
+        "layout": f"{workers}x{cpus:g}",
+        "workers": workers,
+        "cpus_per_worker": cpus,
+        "samples_per_s": round(rate, 2),
+        "data_wait_fraction": round(wait, 5),
+        "data_wait_fraction_max": round(max(r["data_wait_fraction"] for r in history[1:] or history), 5),
+        "epochs": [{k: round(float(r[k]), 5) for k in ("epoch", "samples_per_s", "data_wait_fraction", "loss")}
+                   for r in history],
+        "fit_wall_s": round(wall, 2),
+        "wall_samples_per_s": round(samples / wall, 2),
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def efficiency_rows(runs: list[dict]) -> list[dict]:
+    """Each non-baseline layout against the mean of the baseline (1x1) runs."""
+    baseline = [r for r in runs if r["layout"] == "1x1"]
+    base_rate = statistics.mean(r["samples_per_s"] for r in baseline)
+    base_wall = statistics.mean(r["wall_samples_per_s"] for r in baseline)
+    rows = []
+    for r in runs:
+        if r["layout"] == "1x1":
+            continue
+        cores = r["workers"] * math.ceil(r["cpus_per_worker"])
+        rows.append({
+            "layout": r["layout"],
+            "cores_used": cores,
+            "speedup_vs_1x1": round(r["samples_per_s"] / base_rate, 3),
+            "efficiency": round(r["samples_per_s"] / (cores * base_rate), 3),
+            "wall_speedup_vs_1x1": round(r["wall_samples_per_s"] / base_wall, 3),
+        })
+    return rows
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "ray": ray.__version__, "python": platform.python_version()}
+
+
+def print_report(results: dict) -> None:
+    m, s = results["machine"], results["settings"]
+    print(f"\nMachine: {m['cpu_count']} CPUs (load {m['load_average_1m']} at start), torch {m['torch']}, ray {m['ray']}")
+    print(f"Model paper_cnn width {s['width']}, 2x{'x'.join(map(str, s['shape']))}, batch {s['batch']} per worker, "
+          f"{s['epochs']} epochs x {s['steps_per_epoch']} steps per worker; torch threads of a fresh Ray actor "
+          f"by CPUs held: {results['worker_threads']}")
+    print(f"\n{'layout':>8} {'samples/s':>10} {'data wait':>10} {'fit wall s':>11} {'wall samples/s':>15} {'load':>12}")
+    for r in results["runs"]:
+        load = "->".join(str(x) for x in r["load_average_before_after"])
+        print(f"{r['layout']:>8} {r['samples_per_s']:>10.2f} {r['data_wait_fraction']:>10.4f} {r['fit_wall_s']:>11.1f}"
+              f" {r['wall_samples_per_s']:>15.2f} {load:>12}")
+    print("   samples/s: in-loop, global, epochs 2..; wall samples/s: every sample over the whole fit (start-up included)")
+    print(f"\n{'layout':>8} {'cores':>6} {'speed-up vs 1x1':>16} {'efficiency':>11} {'wall speed-up':>14}")
+    for r in results["scaling"]:
+        print(f"{r['layout']:>8} {r['cores_used']:>6} {r['speedup_vs_1x1']:>16.3f} {r['efficiency']:>11.3f}"
+              f" {r['wall_speedup_vs_1x1']:>14.3f}")
+    print("   efficiency = samples/s / (cores used x samples/s of 1x1, mean of the first and last 1x1 runs)")
+    f = results["first_batch"]
+    print(f"\nTime to first batch (driver proxy, median of {f['repeats']}): read_stage_datasets {f['read_stage_datasets_s']:.2f} s"
+          f" + load_arrays {f['load_arrays_s']:.2f} s = {f['first_batch_proxy_s']:.2f} s (target < {f['target_s']} s);"
+          f" load_arrays via streaming_split {f['load_arrays_streaming_split_s']:.2f} s; {f['train_rows']} rows,"
+          f" {f['train_mb']} MB; first call of the session {f['first_call_s']:.2f} s")
+    worst = max(r["data_wait_fraction"] for r in results["runs"])
+    print(f"Data wait, epochs 2..: at most {worst:.4f} of a step over all layouts (target < {TARGET_DATA_WAIT})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiniest run (1x1 and 2x0.5, 2 epochs x 2 steps)")
+    parser.add_argument("--layouts", nargs="+", help="WORKERSxCPUS layouts besides the 1x1 baseline "
+                                                      "(default 2x0.5 2x1 1x2)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--fit-timeout", type=float, default=300.0, help="seconds before a layout counts as hung")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, help="where the temp dataset and runs go (default: system temp dir)")
+    args = parser.parse_args()
+    size = dict(SIZES["smoke" if args.smoke else "default"])
+    size.update({k: v for k, v in (("epochs", args.epochs), ("steps_per_epoch", args.steps_per_epoch)) if v})
+    if args.layouts:
+        size["layouts"] = ["1x1", *[x for x in args.layouts if x != "1x1"]]
+    layouts = [parse_layout(x) for x in size["layouts"]]
+    if not args.smoke:
+        layouts.append((1, 1.0))  # the baseline again, last
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another job's cluster
+    os.environ["RAY_worker_niceness"] = "0"  # as raytumor's embedded Ray (raytumor.runtime.ray_session)
+    make_dataset = import_make_dataset()
+    if args.smoke:  # shorter Ray Train teardown (as the tests run it); not for the figures
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    import ray
+
+    from raytumor.config import load_config
+    from raytumor.train.datasets import ensure_prepared, read_stage_datasets
+
+    results = {"machine": machine(), "settings": {**size, "seed": args.seed, "fit_timeout_s": args.fit_timeout}}
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="raytumor-scaling-", dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        shape = size["shape"]
+        dataset = make_dataset(workdir / "ds", n_per_class=(size["cases_per_class"],) * size["classes"], shape=shape)
+        base = [
+            f"data.dataset={dataset}", f"data.shape=[{','.join(map(str, shape))}]", f"output_dir={workdir / 'runs'}",
+            f"seed={args.seed}", f"model.width={size['width']}", f"train.batch_size={size['batch']}",
+            f"train.samples_per_class={SAMPLES_PER_CLASS}", "train.loss=batch_hard", "train.margin=1.0",
+            f"train.epochs={size['epochs']}", "resources.use_gpu=false", "resources.max_failures=0",
+            "data.augment_rare=false",
+        ]
+        config = load_config(overrides=[*base, "name=proxy"])
+        started = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        results["ray_init_s"] = round(time.perf_counter() - started, 2)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            started = time.perf_counter()
+            ensure_prepared(config)
+            results["prepare_s"] = round(time.perf_counter() - started, 2)
+            print("time to first batch (driver proxy) ...", flush=True)
+            results["first_batch"] = first_batch_proxy(config, repeats=1 if args.smoke else 3)
+            shared = read_stage_datasets(config, augmented=False, pretraining=False)
+            results["worker_threads"] = {f"{c:g}": actor_threads(c) for c in sorted({c for _, c in layouts})}
+            results["runs"] = []
+            for i, (workers, cpus) in enumerate(layouts):
+                print(f"run_training {workers}x{cpus:g} ...", flush=True)
+                results["runs"].append(run_layout(base, f"run{i}-{workers}x{cpus:g}", workers, cpus,
+                                                  size["steps_per_epoch"], shared, args.fit_timeout, results, args.json))
+        finally:
+            ray.shutdown()
+    results["scaling"] = efficiency_rows(results["runs"])
+    print_report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
