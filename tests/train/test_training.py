@@ -29,23 +29,6 @@ def config_for(dataset, output_dir, name, *extra):
     ])
 
 
-def scrape_raytumor_metrics(ray, marker: str, timeout_s: float = 30.0) -> set[str]:
-    """Names of raytumor's metrics on the node's Prometheus endpoint (what the dashboard shows)."""
-    import time
-    import urllib.request
-
-    port = ray.nodes()[0]["MetricsExportPort"]
-    deadline = time.time() + timeout_s
-    names: set[str] = set()
-    while time.time() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_raytumor_") and marker in line}
-        if "ray_raytumor_val_recall_macro" in names:
-            break
-        time.sleep(1)
-    return names
-
-
 def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_dataset, tmp_path):
     config = config_for(tiny_dataset, tmp_path, "two", "train.epochs=6", "resources.num_workers=2",
                         "resources.cpus_per_worker=0.5")
@@ -62,8 +45,6 @@ def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_datas
     assert (history["min_rows_per_class_in_batch"] == 3).all()
     model, saved = load_best_model(result.run_dir)
     assert saved.resources.num_workers == 2
-    exported = scrape_raytumor_metrics(ray_local, 'run="two"')
-    assert {"ray_raytumor_val_recall_macro", "ray_raytumor_samples_per_s", "ray_raytumor_loss"} <= exported
     best_epoch = int(history["val_recall_macro"].idxmax()) + 1
     assert summary["best_epoch"] == best_epoch
 
