@@ -35,11 +35,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _load_state(checkpoint) -> dict | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+def _load_state(checkpoint, resume_from: str | None = None) -> dict | None:
+    """The training state to continue from: Ray's restored checkpoint (after a worker crash),
+    else the run's latest checkpoint on ``--resume`` (Ray does not restore a failed run)."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if resume_from:
+        return torch.load(Path(resume_from) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return None
 
 
 def _report(metrics: dict, rank: int, files: dict[str, dict]) -> None:
@@ -122,7 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              seed=config.seed * 1000 + rank, steps=loop_config["steps_per_epoch"])
 
     start_epoch, best, best_epoch, history, best_model, restarts = 0, -math.inf, 0, [], None, 0
-    state = _load_state(ray.train.get_checkpoint())
+    state = _load_state(ray.train.get_checkpoint(), loop_config.get("resume_from"))
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -221,7 +225,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
     view_rng = np.random.default_rng([config.seed, rank, 7])
 
     start_epoch, history, restarts = 0, [], 0
-    state = _load_state(ray.train.get_checkpoint())
+    state = _load_state(ray.train.get_checkpoint(), loop_config.get("resume_from"))
     if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

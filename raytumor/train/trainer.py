@@ -64,8 +64,13 @@ def build_trainer(
     pretrained_backbone: str | None = None,
     callbacks: Sequence = (),
     extra_loop_config: dict | None = None,
+    resume: bool = False,
 ):
-    """A ``TorchTrainer`` for ``stage`` of ``config``; its storage is ``run_dir/<stage>``."""
+    """A ``TorchTrainer`` for ``stage`` of ``config``; its storage is ``run_dir/<stage>``.
+
+    ``resume``: start from the stage's latest checkpoint in ``run_dir`` (Ray Train does not
+    restore a run that ended in an error by itself).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -79,6 +84,7 @@ def build_trainer(
         "rare_classes": list(inputs.rare_classes),
         "steps_per_epoch": steps,
         "pretrained_backbone": pretrained_backbone,
+        "resume_from": _latest_checkpoint(run_dir / stage) if resume else None,
         **(extra_loop_config or {}),
     }
     gpu = use_gpu(config)
@@ -100,6 +106,12 @@ def build_trainer(
     )
 
 
+def _latest_checkpoint(stage_dir: Path) -> str | None:
+    # Ray names checkpoint directories checkpoint_<timestamp>: the last in sort order is the newest.
+    found = sorted(p for p in stage_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
+    return str(found[-1].resolve()) if found else None
+
+
 def _fit(trainer) -> dict:
     try:
         result = trainer.fit()
@@ -118,7 +130,8 @@ def _copy_bytes(target: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> Path:
+def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> tuple[Path, bool]:
+    """The run directory, and whether an existing run is being resumed."""
     run_dir = Path(config.output_dir) / config.name
     if resume == "auto":
         resume = run_dir.exists()
@@ -132,7 +145,7 @@ def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> Path:
         if saved.read_text() != dump_config(config):
             raise RaytumorError(f"{saved}: the run was started with a different config; resume with the same one")
     atomic_write_text(saved, dump_config(config))
-    return run_dir
+    return run_dir, bool(resume)
 
 
 def pretrain_key(config: RunConfig) -> str:
@@ -163,6 +176,7 @@ def run_pretraining(
     callbacks: Sequence = (),
     extra_loop_config=None,
     shared_datasets: dict | None = None,
+    resume: bool = False,
 ) -> Path:
     """Contrastive pre-training into ``run_dir``; returns the backbone weights file.
 
@@ -178,7 +192,7 @@ def run_pretraining(
         return target
     inputs = pretraining_inputs(config, shared_datasets)
     files = _fit(build_trainer(config, "pretrain", run_dir, inputs, callbacks=callbacks,
-                               extra_loop_config=extra_loop_config))
+                               extra_loop_config=extra_loop_config, resume=resume))
     state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
     pd.DataFrame(state["history"]).to_csv(run_dir / "pretrain_metrics.csv", index=False)
     _copy_bytes(target, files[BACKBONE_FILE])
@@ -218,16 +232,16 @@ def run_training(
     ``resume``: True continues an existing run, False needs a new one, "auto" does either.
     ``shared_datasets``: datasets from :func:`read_stage_datasets`, read once for many runs.
     """
-    run_dir = prepare_run_dir(config, resume=resume)
+    run_dir, resuming = prepare_run_dir(config, resume=resume)
     backbone = resolve_pretrained(config.train.pretrained) if config.train.pretrained else None
     if config.pretrain.enabled and "pretrain" in stages:
         backbone = str(run_pretraining(config, run_dir, cache_dir=pretrain_cache, extra_loop_config=extra_loop_config,
-                                       shared_datasets=shared_datasets).resolve())
+                                       shared_datasets=shared_datasets, resume=resuming).resolve())
     if "train" not in stages:
         return TrainingResult(run_dir, 0, {})
     inputs = training_inputs(config, shared_datasets)
     files = _fit(build_trainer(config, "train", run_dir, inputs, pretrained_backbone=backbone, callbacks=callbacks,
-                               extra_loop_config=extra_loop_config))
+                               extra_loop_config=extra_loop_config, resume=resuming))
     state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
     history = pd.DataFrame(state["history"])
     history.to_csv(run_dir / "metrics.csv", index=False)
