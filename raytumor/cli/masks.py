@@ -7,22 +7,11 @@ from typing import Optional
 
 import typer
 
+from raytumor.cli.data import _shape
 from raytumor.cli.progress import progress_bar
 
 app = typer.Typer(help="Pseudo tumour masks: train a segmenter on ground-truth masks, predict masks for unlabelled scans.",
                   no_args_is_help=True)
-
-
-def _shape(text: str, option: str = "--shape") -> tuple[int, int, int]:
-    from raytumor.errors import RaytumorError
-
-    try:
-        shape = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        raise RaytumorError(f"{option}: expected three comma-separated ints like 64,64,16, got {text!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise RaytumorError(f"{option}: expected three positive ints like 64,64,16, got {text!r}")
-    return shape  # type: ignore[return-value]
 
 
 def _channels(text: str) -> tuple[int, ...]:
