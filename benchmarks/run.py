@@ -66,12 +66,14 @@ def met(value, target: float, higher_is_better: bool) -> str:
     return "yes" if (value >= target if higher_is_better else value < target) else "no"
 
 
-def summary_rows(json_dir: Path, names_run) -> list[dict]:
-    """One row per figure, from whatever JSON the scripts left; a missing figure says so."""
+def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
+    """One row per figure, from whatever JSON the scripts left; a missing figure says so.
+    Smoke sizes say nothing about the targets, so a smoke run leaves ``met`` empty."""
     rows = []
 
     def row(figure: str, name: str, measured: str, target: str = "-", ok: str = "-") -> None:
-        rows.append({"figure": figure, "name": name, "measured": measured, "target": target, "met": ok})
+        rows.append({"figure": figure, "name": name, "measured": measured, "target": target,
+                     "met": "-" if smoke else ok})
 
     tt = load(json_dir, "train_throughput", names_run)
     overhead = (tt or {}).get("ray_overhead")
@@ -135,7 +137,7 @@ def summary_rows(json_dir: Path, names_run) -> list[dict]:
     else:
         row("6", "sweep efficiency", "not measured (sweep_efficiency failed, missing or skipped)")
 
-    row("7", "GPU throughput", "not measured (no GPU on this machine)")
+    row("7", "GPU throughput", "not measured (no GPU here; no script measures one)")
     return rows
 
 
@@ -166,8 +168,10 @@ def main() -> None:
         statuses[name] = run_script(name, args.smoke, json_dir, args.timeout)
         print(f"   {statuses[name]['status']} in {statuses[name]['seconds']:.0f} s; log {json_dir / (name + '.log')}",
               flush=True)
-    rows = summary_rows(json_dir, statuses)
+    rows = summary_rows(json_dir, statuses, smoke=args.smoke)
     print_table(rows, statuses)
+    if args.smoke:
+        print("Smoke sizes: these numbers only show that the scripts run; they are not the figures.")
     summary = {"cpu_count": os.cpu_count(), "load_average_before_after": [round(load_before, 2),
                                                                            round(os.getloadavg()[0], 2)],
                "smoke": args.smoke, "scripts": statuses, "figures": rows}

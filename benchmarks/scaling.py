@@ -1,27 +1,28 @@
 """Benchmark: Ray Train data-parallel scaling on this machine (2 workers vs 1), data wait, time to first batch.
 
 Every run is a real ``raytumor.train.trainer.run_training(config)`` (training only, no
-pre-training) on one local Ray (``ray.init(num_cpus=2)``, workers at niceness 0 as
-``raytumor`` starts them), over a small synthetic dataset (``tests/conftest.py::make_dataset``:
-``--classes`` classes x ``--cases-per-class`` blob volumes, 70 % to train) prepared once and
-read once in the driver: every run gets the same materialised Ray Datasets
-(``shared_datasets``), so Ray Data starts no read tasks while the Train workers hold the CPUs.
+pre-training) on one local Ray (``ray.init(num_cpus=2)``, workers at niceness 0 and with
+``raytumor.runtime.EMBEDDED_RUNTIME_ENV``, as ``raytumor`` starts them), over a small synthetic
+dataset (``tests/conftest.py::make_dataset``: ``--classes`` classes x ``--cases-per-class`` blob
+volumes, 70 % to train) prepared once and read once in the driver: every run gets the same
+materialised Ray Datasets (``shared_datasets``), so Ray Data starts no read tasks while the
+Train workers hold the CPUs.
 
 1. Scaling. Resource layouts ``WORKERSxCPUS`` (``resources.num_workers`` x
-   ``resources.cpus_per_worker``), default ``1x1`` (the baseline), ``2x0.5``, ``2x1`` and
-   ``1x2``. The baseline runs first and again last; every other layout is compared with the
-   mean of the two, so a change in machine load biases no layout. Every worker runs the same
-   ``--steps-per-epoch`` steps of ``train.batch_size`` rows per epoch (batch size is per
+   ``resources.cpus_per_worker``): the baseline ``1x1``, then by default ``2x0.5`` and ``2x1``
+   (``--layouts 2x0.5 2x1 1x2`` adds one worker holding both CPUs). The baseline runs first and
+   again after every other layout, and each layout is compared with the mean of the baseline
+   runs just before and after it, so a change in machine load biases it less. Every worker runs
+   the same ``--steps-per-epoch`` steps of ``train.batch_size`` rows per epoch (batch size is per
    worker, so 2 workers process twice the samples per epoch: weak scaling, as data-parallel
    training runs). The loop reports per-epoch ``samples_per_s`` (global: steps x batch x world
    size / rank 0's epoch seconds, validation excluded) in the run's ``metrics.csv``; steady
    state = epochs 2.. (total samples over total time). Efficiency = samples/s(layout) /
-   (workers x CPUs-per-worker-rounded-up x samples/s(1x1)), i.e. against ideal linear scaling
-   in cores used: ``2x0.5`` and ``2x1`` against 2 x the baseline, ``1x2`` (one worker, 2 torch
-   threads) likewise. Ray sets a worker's ``OMP_NUM_THREADS`` from its CPUs (0.5 -> 1, 1 -> 1,
-   2 -> 2); the torch threads a fresh actor of each size gets are measured and reported. A layout that
-   does not finish within ``--fit-timeout`` stops the benchmark with its partial JSON and says
-   which (RAY-NOTES: Train workers holding every CPU can starve Ray Data).
+   (cores used x samples/s(1x1)), cores used = workers x CPUs per worker rounded up (Ray sets a
+   worker's ``OMP_NUM_THREADS`` from its CPUs: 0.5 -> 1, 1 -> 1, 2 -> 2; the torch threads a
+   fresh actor of each size gets are measured and reported). A layout that does not finish
+   within ``--fit-timeout`` stops the benchmark with its partial JSON and says which
+   (RAY-NOTES: Train workers holding every CPU can starve Ray Data).
 2. Data wait: ``data_wait_fraction`` (time per epoch spent fetching the batch from the
    worker's in-memory shard) over epochs 2.., per layout, from ``metrics.csv``. Target < 2 %.
 3. Time to first batch from the cache, measured in the driver as a proxy for a worker (which
@@ -29,11 +30,12 @@ read once in the driver: every run gets the same materialised Ray Datasets
    the Parquet cache, split train/val, materialise) + ``load_arrays`` of the train split, and
    ``load_arrays`` of a ``streaming_split(1)`` iterator of it (the path a worker's shard takes).
    Median of 3, and the session's first call (Ray Data's first start) on its own. Target < 2 s.
+   The datasets of the last read are the ones every run shares.
 
-``--smoke`` (16x16x4 volumes, layouts ``1x1`` and ``2x0.5`` once each, 2 epochs x 2 steps,
-shorter Ray Train teardown) only checks that the script runs.
+``--smoke`` (16x16x4 volumes, layouts ``1x1`` and ``2x0.5`` once each, 2 epochs x 2 steps, one
+proxy read without ``streaming_split``, shorter Ray Train teardown) only checks that the script runs.
 
-    python benchmarks/scaling.py [--json results.json] [--smoke] [--layouts 1x1 2x0.5 2x1 1x2]
+    python benchmarks/scaling.py [--json results.json] [--smoke] [--layouts 2x0.5 2x1 1x2]
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ TARGET_DATA_WAIT = 0.02
 TARGET_FIRST_BATCH_S = 2.0
 SIZES = {
     "default": dict(shape=(32, 32, 8), width=0.25, batch=30, classes=10, cases_per_class=12, epochs=4,
-                    steps_per_epoch=8, layouts=["1x1", "2x0.5", "2x1", "1x2"]),
+                    steps_per_epoch=8, layouts=["2x0.5", "2x1"]),
     "smoke": dict(shape=(16, 16, 4), width=0.25, batch=12, classes=4, cases_per_class=8, epochs=2,
-                  steps_per_epoch=2, layouts=["1x1", "2x0.5"]),
+                  steps_per_epoch=2, layouts=["2x0.5"]),
 }
 
 
@@ -92,8 +94,9 @@ def steady(history: list[dict]) -> tuple[float, float]:
 # --- measurements ---------------------------------------------------------------------------
 
 
-def first_batch_proxy(config, repeats: int) -> dict:
-    """Driver-side proxy for a worker's time to first batch: read the cache, then load the train rows."""
+def first_batch_proxy(config, repeats: int, streaming_split: bool = True) -> tuple[dict, dict]:
+    """Driver-side proxy for a worker's time to first batch: read the cache, then load the train rows.
+    Also returns the datasets of the last read (materialised), for the runs to share."""
     from raytumor.train.datasets import load_arrays, read_stage_datasets
 
     read_s, load_s, split_s = [], [], []
@@ -104,18 +107,19 @@ def first_batch_proxy(config, repeats: int) -> dict:
         started = time.perf_counter()
         volumes, _ = load_arrays(datasets["train"])
         load_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        (shard,) = datasets["train"].streaming_split(1)
-        load_arrays(shard)
-        split_s.append(time.perf_counter() - started)
+        if streaming_split:
+            started = time.perf_counter()
+            (shard,) = datasets["train"].streaming_split(1)
+            load_arrays(shard)
+            split_s.append(time.perf_counter() - started)
     read, load = statistics.median(read_s), statistics.median(load_s)
-    return {
+    return datasets, {
         "read_stage_datasets_s_runs": [round(x, 3) for x in read_s],
         "load_arrays_s_runs": [round(x, 3) for x in load_s],
         "first_call_s": round(read_s[0] + load_s[0], 3),
         "read_stage_datasets_s": round(read, 3),
         "load_arrays_s": round(load, 3),
-        "load_arrays_streaming_split_s": round(statistics.median(split_s), 3),
+        "load_arrays_streaming_split_s": round(statistics.median(split_s), 3) if split_s else None,
         "first_batch_proxy_s": round(read + load, 3),
         "target_s": TARGET_FIRST_BATCH_S,
         "train_rows": int(len(volumes)),
@@ -124,10 +128,10 @@ def first_batch_proxy(config, repeats: int) -> dict:
     }
 
 
-def actor_threads(cpus: float) -> int:
-    """torch threads in a fresh Ray actor holding ``cpus`` CPUs, as a Train worker is (Ray sets its
-    ``OMP_NUM_THREADS``). Not a task: a pooled task worker keeps the threads of the task that first
-    imported torch in it."""
+def actor_threads(cpu_sizes, capacity: float = 2.0) -> dict[str, int]:
+    """torch threads in a fresh Ray actor holding each of ``cpu_sizes`` CPUs, as a Train worker is
+    (Ray sets its ``OMP_NUM_THREADS``). Not tasks: a pooled task worker keeps the threads of the task
+    that first imported torch in it. Actors that fit together start together."""
     import ray
 
     @ray.remote
@@ -137,11 +141,22 @@ def actor_threads(cpus: float) -> int:
 
             return torch.get_num_threads()
 
-    probe = Probe.options(num_cpus=cpus).remote()
-    try:
-        return ray.get(probe.threads.remote())
-    finally:
-        ray.kill(probe)
+    groups, group = [], []
+    for cpus in sorted(cpu_sizes):
+        if group and sum(group) + cpus > capacity:
+            groups.append(group)
+            group = []
+        group.append(cpus)
+    groups.append(group)
+    out = {}
+    for group in groups:
+        probes = [Probe.options(num_cpus=cpus).remote() for cpus in group]
+        try:
+            out.update({f"{cpus:g}": n for cpus, n in zip(group, ray.get([p.threads.remote() for p in probes]))})
+        finally:
+            for probe in probes:
+                ray.kill(probe)
+    return out
 
 
 def run_layout(base_overrides: list[str], name: str, workers: int, cpus: float, steps: int, shared: dict,
@@ -193,18 +208,19 @@ def run_layout(base_overrides: list[str], name: str, workers: int, cpus: float, 
 
 
 def efficiency_rows(runs: list[dict]) -> list[dict]:
-    """Each non-baseline layout against the mean of the baseline (1x1) runs."""
-    baseline = [r for r in runs if r["layout"] == "1x1"]
-    base_rate = statistics.mean(r["samples_per_s"] for r in baseline)
-    base_wall = statistics.mean(r["wall_samples_per_s"] for r in baseline)
+    """Each non-baseline layout against the mean of the 1x1 runs just before and after it."""
     rows = []
-    for r in runs:
+    for i, r in enumerate(runs):
         if r["layout"] == "1x1":
             continue
+        around = [runs[j] for j in (i - 1, i + 1) if 0 <= j < len(runs) and runs[j]["layout"] == "1x1"]
+        base_rate = statistics.mean(b["samples_per_s"] for b in around)
+        base_wall = statistics.mean(b["wall_samples_per_s"] for b in around)
         cores = r["workers"] * math.ceil(r["cpus_per_worker"])
         rows.append({
             "layout": r["layout"],
             "cores_used": cores,
+            "baseline_samples_per_s": round(base_rate, 2),
             "speedup_vs_1x1": round(r["samples_per_s"] / base_rate, 3),
             "efficiency": round(r["samples_per_s"] / (cores * base_rate), 3),
             "wall_speedup_vs_1x1": round(r["wall_samples_per_s"] / base_wall, 3),
@@ -239,14 +255,18 @@ def print_report(results: dict) -> None:
     for r in results["scaling"]:
         print(f"{r['layout']:>8} {r['cores_used']:>6} {r['speedup_vs_1x1']:>16.3f} {r['efficiency']:>11.3f}"
               f" {r['wall_speedup_vs_1x1']:>14.3f}")
-    print("   efficiency = samples/s / (cores used x samples/s of 1x1, mean of the first and last 1x1 runs)")
+    print("   efficiency = samples/s / (cores used x samples/s of 1x1, mean of the 1x1 runs just before and after)")
     f = results["first_batch"]
     print(f"\nTime to first batch (driver proxy, median of {f['repeats']}): read_stage_datasets {f['read_stage_datasets_s']:.2f} s"
           f" + load_arrays {f['load_arrays_s']:.2f} s = {f['first_batch_proxy_s']:.2f} s (target < {f['target_s']} s);"
-          f" load_arrays via streaming_split {f['load_arrays_streaming_split_s']:.2f} s; {f['train_rows']} rows,"
+          f" load_arrays via streaming_split {_f(f['load_arrays_streaming_split_s'])} s; {f['train_rows']} rows,"
           f" {f['train_mb']} MB; first call of the session {f['first_call_s']:.2f} s")
     worst = max(r["data_wait_fraction"] for r in results["runs"])
     print(f"Data wait, epochs 2..: at most {worst:.4f} of a step over all layouts (target < {TARGET_DATA_WAIT})")
+
+
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -254,7 +274,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiniest run (1x1 and 2x0.5, 2 epochs x 2 steps)")
     parser.add_argument("--layouts", nargs="+", help="WORKERSxCPUS layouts besides the 1x1 baseline "
-                                                      "(default 2x0.5 2x1 1x2)")
+                                                      "(default 2x0.5 2x1; 1x2 = one worker, 2 threads)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--fit-timeout", type=float, default=300.0, help="seconds before a layout counts as hung")
@@ -264,10 +284,11 @@ def main() -> None:
     size = dict(SIZES["smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("epochs", args.epochs), ("steps_per_epoch", args.steps_per_epoch)) if v})
     if args.layouts:
-        size["layouts"] = ["1x1", *[x for x in args.layouts if x != "1x1"]]
-    layouts = [parse_layout(x) for x in size["layouts"]]
-    if not args.smoke:
-        layouts.append((1, 1.0))  # the baseline again, last
+        size["layouts"] = [x for x in args.layouts if x != "1x1"]
+    # The baseline first and after every other layout (in a smoke run, only first).
+    layouts = [(1, 1.0)]
+    for text in size["layouts"]:
+        layouts += [parse_layout(text)] + ([] if args.smoke else [(1, 1.0)])
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -279,7 +300,8 @@ def main() -> None:
     import ray
 
     from raytumor.config import load_config
-    from raytumor.train.datasets import ensure_prepared, read_stage_datasets
+    from raytumor.runtime import EMBEDDED_RUNTIME_ENV
+    from raytumor.train.datasets import ensure_prepared
 
     results = {"machine": machine(), "settings": {**size, "seed": args.seed, "fit_timeout_s": args.fit_timeout}}
     if args.workdir:
@@ -297,7 +319,10 @@ def main() -> None:
         ]
         config = load_config(overrides=[*base, "name=proxy"])
         started = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        # As raytumor's embedded Ray: workers pin RAY_ADDRESS to this cluster, so Ray Train's
+        # placement-group cleaner cannot pick another Ray instance on this shared machine.
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                 runtime_env=EMBEDDED_RUNTIME_ENV)
         results["ray_init_s"] = round(time.perf_counter() - started, 2)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
@@ -305,9 +330,9 @@ def main() -> None:
             ensure_prepared(config)
             results["prepare_s"] = round(time.perf_counter() - started, 2)
             print("time to first batch (driver proxy) ...", flush=True)
-            results["first_batch"] = first_batch_proxy(config, repeats=1 if args.smoke else 3)
-            shared = read_stage_datasets(config, augmented=False, pretraining=False)
-            results["worker_threads"] = {f"{c:g}": actor_threads(c) for c in sorted({c for _, c in layouts})}
+            shared, results["first_batch"] = first_batch_proxy(config, repeats=1 if args.smoke else 3,
+                                                               streaming_split=not args.smoke)
+            results["worker_threads"] = actor_threads({c for _, c in layouts})
             results["runs"] = []
             for i, (workers, cpus) in enumerate(layouts):
                 print(f"run_training {workers}x{cpus:g} ...", flush=True)
