@@ -24,8 +24,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: venv
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/knn.py
+	$(BIN)/python benchmarks/run.py --json-dir benchmarks/results
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -33,7 +33,8 @@ Train workers hold the CPUs.
    The datasets of the last read are the ones every run shares.
 
 ``--smoke`` (16x16x4 volumes, layouts ``1x1`` and ``2x0.5`` once each, 2 epochs x 2 steps, one
-proxy read without ``streaming_split``, shorter Ray Train teardown) only checks that the script runs.
+proxy read without ``streaming_split``, no thread probe, shorter Ray Train teardown) only checks
+that the script runs.
 
     python benchmarks/scaling.py [--json results.json] [--smoke] [--layouts 2x0.5 2x1 1x2]
 """
@@ -244,7 +245,7 @@ def print_report(results: dict) -> None:
     print(f"\nMachine: {m['cpu_count']} CPUs (load {m['load_average_1m']} at start), torch {m['torch']}, ray {m['ray']}")
     print(f"Model paper_cnn width {s['width']}, 2x{'x'.join(map(str, s['shape']))}, batch {s['batch']} per worker, "
           f"{s['epochs']} epochs x {s['steps_per_epoch']} steps per worker; torch threads of a fresh Ray actor "
-          f"by CPUs held: {results['worker_threads']}")
+          f"by CPUs held: {results['worker_threads'] or 'not probed'}")
     print(f"\n{'layout':>8} {'samples/s':>10} {'data wait':>10} {'fit wall s':>11} {'wall samples/s':>15} {'load':>12}")
     for r in results["runs"]:
         load = "->".join(str(x) for x in r["load_average_before_after"])
@@ -332,7 +333,8 @@ def main() -> None:
             print("time to first batch (driver proxy) ...", flush=True)
             shared, results["first_batch"] = first_batch_proxy(config, repeats=1 if args.smoke else 3,
                                                                streaming_split=not args.smoke)
-            results["worker_threads"] = actor_threads({c for _, c in layouts})
+            # Each probe is a fresh process importing torch (~1-2 s): left out of the smoke run.
+            results["worker_threads"] = None if args.smoke else actor_threads({c for _, c in layouts})
             results["runs"] = []
             for i, (workers, cpus) in enumerate(layouts):
                 print(f"run_training {workers}x{cpus:g} ...", flush=True)

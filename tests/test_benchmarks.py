@@ -74,7 +74,6 @@ def test_scaling_smoke(tmp_path):
         assert len(run["epochs"]) == 2 and run["samples_per_s"] > 0 and 0 <= run["data_wait_fraction"] < 1
     (row,) = results["scaling"]
     assert row["layout"] == "2x0.5" and row["cores_used"] == 2 and row["efficiency"] > 0
-    assert results["worker_threads"] == {"0.5": 1, "1": 1}  # Ray sets OMP_NUM_THREADS=1 for <= 1 CPU
     assert results["first_batch"]["first_batch_proxy_s"] > 0 and results["first_batch"]["train_rows"] > 0
 
 
