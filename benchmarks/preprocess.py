@@ -1,7 +1,7 @@
 """Benchmark: preprocessing with Ray Data (``prepare_dataset``) vs a single-process loop, and the cache hit.
 
 A demo dataset (``make_demo_dataset``, MNI152 cases with synthetic tumours, NIfTI on disk at
-``--raw-shape``, default 64 x 64 x 16, no unlabelled cases) is written into a temp dir and
+``--raw-shape``, default 128 x 128 x 32, no unlabelled cases) is written into a temp dir and
 prepared to ``--shape`` (default 32 x 32 x 8) two ways, in one process:
 
 - ``loop``: a single-process loop over the manifest doing exactly what ``preprocess_batch``
@@ -24,22 +24,15 @@ and after it. Figures:
 2. Cache hit: ``prepare_dataset`` without ``force`` on the unchanged dataset (fingerprint of
    the manifest and every file's size and mtime, then ``meta.json``), median of 3 calls.
 3. Why (left out by ``--skip-variants``), each bracketed by loop runs like the above, warm
-   workers: the loop at 1 torch thread (a Ray task runs with ``OMP_NUM_THREADS=1``); the map
-   stage alone (``from_pandas`` into B blocks -> ``map_batches(preprocess_batch)`` ->
-   ``materialize``, as ``prepare_dataset`` builds it, with ``B = min(cases // batch + 1,
-   4 x CPUs)``) for several block counts and batch sizes, with Ray Data's per-task wall/CPU
-   seconds and their split into input conversion, function body and output build, and with
-   Ray Data's per-operator resource reservation on (its default) and off
-   (``DataContext.op_resource_reservation_enabled = False``: on 2 CPUs the reservation was
-   seen to run the map's tasks one at a time); what follows the map inside
-   ``prepare_dataset`` (two filters, ``write_parquet``, ``to_pandas``, ``count``) on a
-   materialised result, and a leaner two-pass version of it; a single streaming pass (map ->
-   ``write_parquet`` of every row, errors read back with pyarrow: a sketch of a leaner
-   ``prepare_dataset``, not what it does); ``prepare_dataset`` with
-   ``batch_size=64`` and with the reservation off (set on the driver's ``DataContext``,
-   ``raytumor`` unchanged); and the import time a fresh worker process pays (measured in a
-   fresh Python process). The loop's own time is split into read + check, reorient, resize +
-   normalise, and Parquet write, with its CPU seconds.
+   workers: the loop at 1 torch thread (a Ray task runs with ``OMP_NUM_THREADS=1``); the
+   previous ``prepare_dataset`` (four Ray Data executions: ``from_pandas`` -> ``map_batches(
+   preprocess_batch)`` -> ``materialize`` with Ray Data's per-operator resource reservation on,
+   then filter + ``write_parquet``, filter + ``to_pandas``, ``count``), rebuilt here from the
+   same ``preprocess_batch`` so it does the same work; ``prepare_dataset`` at other batch sizes;
+   the same split into one plain Ray task per CPU without Ray Data, and into a warm
+   ``ProcessPoolExecutor`` without Ray (what the cores give to any parallel layout); and the import time a fresh worker process pays, with and without MONAI
+   (measured in fresh Python processes). The loop's own time is split into read + check,
+   reorient, resize + normalise, and Parquet write, with its CPU seconds.
 
 The loop's output is checked against the cache ``prepare_dataset`` wrote (same case ids, same
 volumes), so both sides did the same work.
@@ -50,10 +43,9 @@ volumes), so both sides did the same work.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -61,18 +53,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 TARGET_SPEEDUP = 1.7
 TARGET_CACHE_HIT_S = 1.0
-# Default: 291 cases (demo scale 0.05), ~2 min in all on 2 busy cores.
+# Default: 291 cases (demo scale 0.05) of 128x128x32, ~3 min in all on 2 cores.
 # Smoke: the demo's smallest dataset (135 cases, 5 per class) cut to 40 cases of 32x32x8.
 SIZES = {
-    "default": dict(scale=0.05, raw_shape=(64, 64, 16), cases=None, rounds=2),
+    "default": dict(scale=0.05, raw_shape=(128, 128, 32), cases=None, rounds=2),
     "smoke": dict(scale=0.0001, raw_shape=(32, 32, 8), cases=40, rounds=1),
 }
-# What a Ray worker imports before its first preprocessing task can run.
-WORKER_IMPORTS = "import raytumor.data.preprocess, monai.transforms, nibabel, pandas, pyarrow"
+# What a Ray worker imports before its first preprocessing task can run, and MONAI on top
+# (which prepare_dataset's workers imported before resize_volume replaced MONAI's Resize).
+WORKER_IMPORTS = "import raytumor.data.preprocess, torch, nibabel, pandas, pyarrow.parquet, ray.data"
+WORKER_IMPORTS_WITH_MONAI = WORKER_IMPORTS + ", monai.transforms"
 
 
 # --- set-up ---------------------------------------------------------------------------------
@@ -200,98 +195,58 @@ class Bracketed:
 # --- Ray Data pieces ------------------------------------------------------------------------
 
 
-def map_stage(rows, settings, blocks: int, batch_size: int):
-    """``prepare_dataset``'s map stage alone: ``from_pandas`` in ``blocks`` -> ``map_batches`` -> ``materialize``."""
+def previous_prepare(rows, settings, out_dir: Path) -> int:
+    """``prepare_dataset`` as it was before the single-pass rewrite, on the same per-case work:
+    map into ``min(cases // 8 + 1, 4 x CPUs)`` blocks with the reservation on (Ray Data's
+    default) -> ``materialize``; filter + ``write_parquet`` of the good rows; filter +
+    ``to_pandas`` of the bad; ``count``. Quarantine and meta files are left out (a few ms)."""
     import ray
+    from ray.data.expressions import col
 
     from raytumor.data.preprocess import preprocess_batch
 
-    return (ray.data.from_pandas([rows.iloc[i::blocks] for i in range(blocks)])
-            .map_batches(preprocess_batch, fn_kwargs={"settings": settings}, batch_size=batch_size,
-                         batch_format="pandas")
-            .materialize())
-
-
-def map_task_stats(processed) -> dict:
-    """Ray Data's own figures for the map operator: tasks, and summed per-task seconds."""
-    import re
-
-    for op in processed.get_stats_summary().operators_stats:
-        if "MapBatches" not in op.operator_name:
-            continue
-        tasks = re.search(r"(\d+) tasks executed", op.block_execution_summary_str)
-        out = {"tasks": int(tasks.group(1)) if tasks else None}
-        for name in ("wall_time", "cpu_time", "input_prep_time", "function_body_time", "output_build_time"):
-            summary = getattr(op, name, None)
-            out[f"task_{name}_sum_s"] = round(float(summary.sum), 3) if summary else None
-        return out
-    return {}
-
-
-def after_map_stage(processed, out_dir: Path) -> None:
-    """What ``prepare_dataset`` does after the map: filter + write the good rows, collect the bad, count."""
-    from ray.data.expressions import col
-
+    blocks = max(1, min(len(rows) // 8 + 1, int(ray.available_resources().get("CPU", 1)) * 4))
+    processed = (ray.data.from_pandas([rows.iloc[i::blocks] for i in range(blocks)])
+                 .map_batches(preprocess_batch, fn_kwargs={"settings": settings}, batch_size=8, batch_format="pandas")
+                 .materialize())
     good = processed.filter(expr=col("error") == "").drop_columns(["error", "error_file"])
     good.write_parquet(str(out_dir))
     processed.filter(expr=col("error") != "").select_columns(["case_id", "error_file", "error"]).to_pandas()
-    good.count()
+    return good.count()
 
 
-def after_map_lean(processed, out_dir: Path) -> None:
-    """The same outputs in two passes: write the good rows, then one small ``to_pandas`` of the error
-    columns for the quarantine list and the count (the rows' ``error`` is already materialised)."""
-    from ray.data.expressions import col
-
-    processed.filter(expr=col("error") == "").drop_columns(["error", "error_file"]).write_parquet(str(out_dir))
-    errors = processed.select_columns(["case_id", "error_file", "error"]).to_pandas()
-    int((errors["error"] == "").sum())
-
-
-def single_pass(rows, settings, blocks: int, batch_size: int, out_dir: Path) -> int:
-    """One streaming execution instead of four: map -> ``write_parquet`` of every row (error columns
-    kept), then the quarantine list and count from the small columns with pyarrow. A sketch of a
-    leaner ``prepare_dataset``; readers would then filter ``error == ""``."""
-    import pyarrow.parquet as pq
+def plain_ray_tasks(rows, settings, parts: int) -> int:
+    """The per-case work split into ``parts`` plain Ray tasks (no Ray Data, nothing written):
+    the floor for any Ray layout on this machine."""
     import ray
 
     from raytumor.data.preprocess import preprocess_batch
 
-    (ray.data.from_pandas([rows.iloc[i::blocks] for i in range(blocks)])
-     .map_batches(preprocess_batch, fn_kwargs={"settings": settings}, batch_size=batch_size, batch_format="pandas")
-     .write_parquet(str(out_dir)))
-    errors = pq.read_table(out_dir, columns=["case_id", "error_file", "error"]).to_pandas()
-    return int((errors["error"] == "").sum())
+    @ray.remote(num_cpus=1)
+    def work(part):
+        return int((preprocess_batch(part, settings)["error"] == "").sum())
+
+    return sum(ray.get([work.remote(rows.iloc[i::parts]) for i in range(parts)]))
 
 
-@contextlib.contextmanager
-def without_reservation():
-    """Ray Data's per-operator resource reservation off (``DataContext.op_resource_reservation_enabled``)
-    for this driver while the block runs; ``prepare_dataset`` picks up the driver's context."""
-    import ray
+def _preprocess_part(part, settings) -> int:
+    from raytumor.data.preprocess import preprocess_batch
 
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    try:
-        yield
-    finally:
-        ctx.op_resource_reservation_enabled = before
+    return int((preprocess_batch(part, settings)["error"] == "").sum())
 
 
-def worker_import_s() -> float:
-    """Seconds a fresh Python process takes to import what a preprocessing task needs."""
-    code = f"import time; t = time.perf_counter(); {WORKER_IMPORTS}; print(time.perf_counter() - t)"
+def process_pool(rows, settings, pool) -> int:
+    """The same split over a warm ``ProcessPoolExecutor`` (no Ray at all): what two processes
+    on this machine's cores reach."""
+    parts = pool._max_workers
+    return sum(pool.map(_preprocess_part, [rows.iloc[i::parts] for i in range(parts)], [settings] * parts))
+
+
+def worker_import_s(imports: str) -> float:
+    """Seconds a fresh Python process takes to run ``imports``."""
+    code = f"import time; t = time.perf_counter(); {imports}; print(time.perf_counter() - t)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def map_variants(n_cases: int, cpus: int) -> list[tuple[int, int]]:
-    """(blocks, batch_size) pairs: prepare_dataset's own layout first, then fewer/more tasks and batches."""
-    own = (max(1, min(n_cases // 8 + 1, cpus * 4)), 8)
-    per_block = lambda blocks: math.ceil(n_cases / blocks)  # noqa: E731 - one batch per block
-    pairs = [own, (cpus, 8), (own[0], per_block(own[0])), (cpus, per_block(cpus))]
-    return list(dict.fromkeys(pairs))
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -388,10 +343,14 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
 
     from raytumor.data.preprocess import prepare_dataset
 
-    print("variants: loop at 1 thread, map stage layouts, after-map stage, prepare_dataset settings ...", flush=True)
-    out: dict = {"worker_import_s": None if smoke else round(worker_import_s(), 2)}
+    print("variants: loop at 1 thread, previous prepare_dataset, batch sizes, plain Ray tasks ...", flush=True)
+    out: dict = {
+        "worker_import_s": None if smoke else round(worker_import_s(WORKER_IMPORTS), 2),
+        "worker_import_with_monai_s": None if smoke else round(worker_import_s(WORKER_IMPORTS_WITH_MONAI), 2),
+    }
     rows = manifest_rows(dataset)
-    n, cpus = len(rows), int(ray.available_resources().get("CPU", 1))
+    cpus = int(ray.available_resources().get("CPU", 1))
+    n_good = len(rows) - bench.loop_runs[0]["quarantined"]
 
     def one_thread():
         threads = torch.get_num_threads()
@@ -408,34 +367,22 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
         return {**facts, "seconds": round(seconds, 3), "loop_s_around": round(around, 3),
                 "loop_over_this": round(around / seconds, 3)}
 
-    layouts = map_variants(n, cpus)
-    runs = [(blocks, batch, True) for blocks, batch in layouts] + [(blocks, batch, False) for blocks, batch in layouts[:2]]
-    out["map_stage"] = []
-    for blocks, batch, reservation in [(*layouts[0], True), (*layouts[0], False)] if smoke else runs:
-        with contextlib.nullcontext() if reservation else without_reservation():
-            seconds, around, processed = bench.measure(lambda: map_stage(rows, settings, blocks, batch))
-        out["map_stage"].append(ratio_row(seconds, around, blocks=blocks, batch_size=batch, reservation=reservation,
-                                          **map_task_stats(processed)))
-        if "after_map" not in out:  # on prepare_dataset's own layout, which comes first
-            after, around, _ = bench.measure(lambda: after_map_stage(processed, workdir / "after-map"))
-            out["after_map"] = ratio_row(after, around)
-            lean, around, _ = bench.measure(lambda: after_map_lean(processed, workdir / "after-map-lean"))
-            out["after_map_lean"] = ratio_row(lean, around)
-        del processed
-
-    layout = layouts[0] if smoke else (cpus, 8)
-    with without_reservation():
-        seconds, around, n_good = bench.measure(
-            lambda: single_pass(rows, settings, *layout, workdir / "single-pass"))
-    assert n_good == n - bench.loop_runs[0]["quarantined"]
-    out["single_pass"] = ratio_row(seconds, around, blocks=layout[0], batch_size=layout[1], reservation=False)
-
+    runs = iter(range(10_000))
+    seconds, around, count = bench.measure(lambda: previous_prepare(rows, settings, workdir / f"previous-{next(runs)}"))
+    assert count == n_good
+    out["previous_prepare"] = ratio_row(seconds, around)
+    seconds, around, count = bench.measure(lambda: plain_ray_tasks(rows, settings, cpus))
+    assert count == n_good
+    out["plain_ray_tasks"] = ratio_row(seconds, around, tasks=cpus)
+    with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
+        process_pool(rows.iloc[: 2 * cpus], settings, pool)  # start the processes, pay their imports
+        seconds, around, count = bench.measure(lambda: process_pool(rows, settings, pool))
+    assert count == n_good
+    out["process_pool"] = ratio_row(seconds, around, processes=cpus)
     out["prepare_dataset"] = []
-    for batch, reservation in [(8, False)] if smoke else [(64, True), (8, False), (64, False)]:
-        with contextlib.nullcontext() if reservation else without_reservation():
-            seconds, around, _ = bench.measure(lambda: prepare_dataset(dataset, settings, force=True, batch_size=batch))
-        out["prepare_dataset"].append(ratio_row(seconds, around, batch_size=batch, reservation=reservation,
-                                                blocks=max(1, min(n // batch + 1, cpus * 4))))
+    for batch in [16] if smoke else [4, 16, 64]:
+        seconds, around, _ = bench.measure(lambda: prepare_dataset(dataset, settings, force=True, batch_size=batch))
+        out["prepare_dataset"].append(ratio_row(seconds, around, batch_size=batch, blocks=min(len(rows), 2 * cpus)))
     return out
 
 
@@ -463,30 +410,16 @@ def print_report(results: dict) -> None:
         return
     one = v["loop_1_thread"]
     print(f"\nWhere the time goes (warm workers; every row bracketed by loop runs). Fresh-process import of a "
-          f"task's modules: {_f(v['worker_import_s'])} s; loop at 1 torch thread {one['loop_s']:.2f} s vs "
-          f"{one['loop_default_threads_s_around']:.2f} s at {m['torch_threads_loop']}")
-    print("Map stage alone (from_pandas -> map_batches(preprocess_batch) -> materialize); task columns are Ray Data's "
-          "per-task seconds, summed")
-    print(f"{'blocks':>7} {'batch':>6} {'reserve':>8} {'map s':>7} {'loop s':>7} {'loop/map':>9} {'tasks':>6}"
-          f" {'task wall':>10} {'task CPU':>9} {'to pandas':>10} {'fn body':>8} {'to block':>9}")
-    for r in v["map_stage"]:
-        print(f"{r['blocks']:>7} {r['batch_size']:>6} {str(r['reservation']):>8} {r['seconds']:>7.2f}"
-              f" {r['loop_s_around']:>7.2f} {r['loop_over_this']:>9.2f} {r.get('tasks') or '-':>6}"
-              f" {_f(r.get('task_wall_time_sum_s')):>10} {_f(r.get('task_cpu_time_sum_s')):>9}"
-              f" {_f(r.get('task_input_prep_time_sum_s')):>10} {_f(r.get('task_function_body_time_sum_s')):>8}"
-              f" {_f(r.get('task_output_build_time_sum_s')):>9}")
-    a, lean = v["after_map"], v["after_map_lean"]
-    print(f"   after the map as prepare_dataset does it (filter + write_parquet, filter + to_pandas, count): "
-          f"{a['seconds']:.2f} s = {1 / a['loop_over_this']:.2f} x the loop; write + one to_pandas of the error "
-          f"columns: {lean['seconds']:.2f} s = {1 / lean['loop_over_this']:.2f} x the loop")
-    sp = v["single_pass"]
-    print(f"   single pass (map -> write_parquet of all rows, errors read back with pyarrow; {sp['blocks']} blocks, batch "
-          f"{sp['batch_size']}, reservation off): {sp['seconds']:.2f} s, loop {sp['loop_s_around']:.2f} s, "
-          f"speed-up {sp['loop_over_this']:.2f}")
-    for r in v["prepare_dataset"]:
-        print(f"   prepare_dataset(batch_size={r['batch_size']}) ({r['blocks']} blocks), reservation "
-              f"{'on' if r['reservation'] else 'off'}: {r['seconds']:.2f} s, loop {r['loop_s_around']:.2f} s, "
-              f"speed-up {r['loop_over_this']:.2f}")
+          f"task's modules: {_f(v['worker_import_s'])} s ({_f(v['worker_import_with_monai_s'])} s with MONAI); "
+          f"loop at 1 torch thread {one['loop_s']:.2f} s vs {one['loop_default_threads_s_around']:.2f} s at "
+          f"{m['torch_threads_loop']}")
+    print(f"{'':>44} {'seconds':>8} {'loop s':>7} {'speed-up':>9}")
+    rows = [("previous prepare_dataset (4 passes)", v["previous_prepare"]),
+            (f"{v['plain_ray_tasks']['tasks']} plain Ray tasks, no Ray Data", v["plain_ray_tasks"]),
+            (f"{v['process_pool']['processes']} processes, no Ray (ProcessPool)", v["process_pool"])]
+    rows += [(f"prepare_dataset(batch_size={r['batch_size']})", r) for r in v["prepare_dataset"]]
+    for label, r in rows:
+        print(f"{label:>44} {r['seconds']:>8.2f} {r['loop_s_around']:>7.2f} {r['loop_over_this']:>9.2f}")
 
 
 def _f(value) -> str:
@@ -499,7 +432,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="40 small cases, one warm round, fewest variants")
     parser.add_argument("--scale", type=float, help="demo dataset scale (default 0.05: 291 cases)")
     parser.add_argument("--cases", type=int, help="cut the manifest to this many cases")
-    parser.add_argument("--raw-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="NIfTI shape (default 64 64 16)")
+    parser.add_argument("--raw-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="NIfTI shape (default 128 128 32)")
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 8], metavar=("X", "Y", "Z"), help="prepared shape")
     parser.add_argument("--rounds", type=int, help="warm prepare_dataset calls (default 2)")
     parser.add_argument("--skip-variants", action="store_true", help="leave out the where-the-time-goes part")
@@ -514,9 +447,9 @@ def main() -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another job's cluster
     # The loop's imports, before any timing (a Ray worker pays them in the cold call).
-    import monai.transforms  # noqa: F401
     import nibabel  # noqa: F401
     import pyarrow.parquet  # noqa: F401
+    import torch  # noqa: F401
 
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)

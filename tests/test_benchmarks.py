@@ -53,8 +53,9 @@ def test_preprocess_smoke(tmp_path):
     assert results["same_output"]["same_case_ids"]
     assert results["same_output"]["max_abs_volume_difference"] < 1e-5
     variants = results["variants"]
-    assert {r["reservation"] for r in variants["map_stage"]} == {True, False}
-    assert variants["after_map"]["seconds"] > 0 and variants["single_pass"]["seconds"] > 0
+    assert variants["previous_prepare"]["seconds"] > 0 and variants["plain_ray_tasks"]["seconds"] > 0
+    assert variants["process_pool"]["seconds"] > 0
+    assert [r["batch_size"] for r in variants["prepare_dataset"]] == [16]
 
 
 @pytest.mark.slow

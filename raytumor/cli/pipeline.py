@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from raytumor.cli.progress import progress_bar
+from raytumor.cli.train import MlflowUriOpt, mlflow_target
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "demo.yaml"
 
@@ -28,8 +29,14 @@ def demo(
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded Ray."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the embedded Ray (default: all)."),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray)."),
+    mlflow: bool = typer.Option(False, "--mlflow/--no-mlflow", help="Log the sweep's trials and the final training "
+                                "to MLflow (needs the 'mlflow' extra)."),
+    mlflow_uri: Optional[str] = MlflowUriOpt,
 ) -> None:
-    """The main job on demo data: generate, validate, prepare, sweep, train the best, evaluate on test."""
+    """The main job on demo data: generate, validate, prepare, sweep, train the best, evaluate on test.
+
+    TensorBoard: tensorboard --logdir demo (sweep trials and the final run).
+    """
     from rich.console import Console
 
     from raytumor.config import build_config, merge
@@ -42,6 +49,7 @@ def demo(
     from raytumor.sweep.space import load_search_space, nest
 
     console = Console()
+    target = mlflow_target(mlflow, mlflow_uri, "raytumor-demo")
     dataset = directory / "data"
     results = (directory / "results").resolve()
     space_def, base_tree = load_search_space(space)
@@ -72,12 +80,12 @@ def demo(
                       f"rare {len(rare)}")
         if data_only:
             return
-        experiment = _sweep(console, space, base_tree, results)
-        run_dir = _train_best(console, experiment, results)
+        experiment = _sweep(console, space, base_tree, results, target)
+        run_dir = _train_best(console, experiment, results, target)
     _evaluate(console, run_dir)
 
 
-def _sweep(console, space: Path, base_tree: dict, results: Path) -> Path:
+def _sweep(console, space: Path, base_tree: dict, results: Path, mlflow) -> Path:
     import yaml
 
     from raytumor.storage import atomic_write_text
@@ -96,7 +104,7 @@ def _sweep(console, space: Path, base_tree: dict, results: Path) -> Path:
     from ray import tune
 
     resume = tune.Tuner.can_restore(str(experiment / "tune"))
-    result = run_sweep(local_space, resume=resume)
+    result = run_sweep(local_space, resume=resume, mlflow=mlflow)
     console.print(f"      best trial: val Recall_M {result.best_value:.3f} -> {result.best_config_path}")
     from raytumor.sweep.report import write_sweep_report
 
@@ -104,7 +112,7 @@ def _sweep(console, space: Path, base_tree: dict, results: Path) -> Path:
     return experiment
 
 
-def _train_best(console, experiment: Path, results: Path) -> Path:
+def _train_best(console, experiment: Path, results: Path, mlflow) -> Path:
     from raytumor.config import load_config
     from raytumor.sweep.run import BEST_FILE, record_best_run
     from raytumor.train.trainer import run_training
@@ -115,7 +123,7 @@ def _train_best(console, experiment: Path, results: Path) -> Path:
         console.print(f"[6/7] best config trained: {run_dir}")
     else:
         console.print(f"[6/7] training the best config for {config.train.epochs} epochs")
-        run_training(config, resume="auto", pretrain_cache=experiment / "pretrain_cache")
+        run_training(config, resume="auto", pretrain_cache=experiment / "pretrain_cache", mlflow=mlflow)
     record_best_run(str(results), run_dir)
     return run_dir
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from raytumor.cli.train import MlflowUriOpt, mlflow_target
+
 
 def _cell(value) -> str:
     if isinstance(value, float):
@@ -23,12 +25,18 @@ def sweep(
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded Ray."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the embedded Ray (default: all)."),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray)."),
+    mlflow: bool = typer.Option(False, "--mlflow/--no-mlflow", help="Also log every trial to MLflow through Ray Tune's "
+                                "MLflow logger (needs the 'mlflow' extra); fixed when the sweep starts."),
+    mlflow_uri: Optional[str] = MlflowUriOpt,
+    mlflow_experiment: Optional[str] = typer.Option(None, "--mlflow-experiment",
+                                                    help="MLflow experiment name (default: the sweep's name)."),
 ) -> None:
     """Sweep a search space with Ray Tune + Optuna (TPE, seeded) and ASHA, selecting by validation Recall_M.
 
     Each trial pre-trains (when asked) and trains through the same trainer builder as
     `raytumor train`; the test split is never read. Writes the leaderboard and best.yaml into
-    the experiment directory; `raytumor train --best` then trains the winner.
+    the experiment directory; `raytumor train --best` then trains the winner. TensorBoard logs
+    of every trial: tensorboard --logdir <experiment>/tune.
     """
     from rich.console import Console
     from rich.table import Table
@@ -36,8 +44,13 @@ def sweep(
     from raytumor.runtime import ray_session
     from raytumor.sweep.run import run_sweep
 
+    target = None
+    if mlflow:
+        from raytumor.sweep.space import load_search_space
+
+        target = mlflow_target(True, mlflow_uri, mlflow_experiment or name or load_search_space(space)[0].name)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_sweep(space, name=name, results_dir=results_dir, resume=resume)
+        result = run_sweep(space, name=name, results_dir=results_dir, resume=resume, mlflow=target)
     board = result.leaderboard
     table = Table(title=f"Leaderboard: {result.experiment_dir.name} (validation split)")
     params = [c for c in board.columns if c.startswith("param:")]

@@ -14,6 +14,22 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run fr
 AddressOpt = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: an embedded Ray.")
 CpusOpt = typer.Option(None, help="CPUs for the embedded Ray (default: all).")
 DashboardOpt = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray).")
+MlflowOpt = typer.Option(False, "--mlflow/--no-mlflow", help="Also log params, per-epoch metrics and result files to "
+                         "MLflow (needs the 'mlflow' extra).")
+MlflowUriOpt = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI",
+                            help="MLflow tracking URI (default: sqlite:///mlflow.db in this directory).")
+MlflowExperimentOpt = typer.Option("raytumor", "--mlflow-experiment", help="MLflow experiment name.")
+
+
+def mlflow_target(enabled: bool, uri: Optional[str], experiment: str):
+    """The MLflow target of --mlflow, resolved before Ray starts (a missing extra fails fast)."""
+    if not enabled:
+        return None
+    from raytumor.train.tracking import mlflow_target as resolve
+
+    target = resolve(uri, experiment)
+    typer.echo(f"MLflow: experiment {target.experiment!r} at {target.tracking_uri}")
+    return target
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]], name: Optional[str], extra: list[str]):
@@ -44,14 +60,21 @@ def pretrain(
     address: Optional[str] = AddressOpt,
     num_cpus: Optional[int] = CpusOpt,
     dashboard: bool = DashboardOpt,
+    mlflow: bool = MlflowOpt,
+    mlflow_uri: Optional[str] = MlflowUriOpt,
+    mlflow_experiment: str = MlflowExperimentOpt,
 ) -> None:
-    """Contrastive pre-training (NT-Xent, batch-all or batch-hard triplet) on labelled + unlabelled scans."""
+    """Contrastive pre-training (NT-Xent, batch-all or batch-hard triplet) on labelled + unlabelled scans.
+
+    TensorBoard scalars go to <run>/tensorboard (tensorboard --logdir runs).
+    """
     from raytumor.runtime import ray_session
     from raytumor.train.trainer import run_training
 
     run_config = _load(config, overrides, name, ["pretrain.enabled=true"])
+    target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_training(run_config, resume=resume, stages=("pretrain",))
+        result = run_training(run_config, resume=resume, stages=("pretrain",), mlflow=target)
     typer.echo(f"pre-training finished: backbone in {result.run_dir / 'pretrain_backbone.pt'}; "
                f"use it with --set train.pretrained={result.run_dir}")
 
@@ -67,11 +90,15 @@ def train(
     address: Optional[str] = AddressOpt,
     num_cpus: Optional[int] = CpusOpt,
     dashboard: bool = DashboardOpt,
+    mlflow: bool = MlflowOpt,
+    mlflow_uri: Optional[str] = MlflowUriOpt,
+    mlflow_experiment: str = MlflowExperimentOpt,
 ) -> None:
     """Final training (batch-hard/batch-all triplet, cross-entropy or interval loss), pre-training first if enabled.
 
     Each epoch is validated by K-nearest-neighbour macro recall on the val split; the best
-    model by val Recall_M is kept in the run directory with metrics per epoch.
+    model by val Recall_M is kept in the run directory with metrics per epoch. TensorBoard
+    scalars go to <run>/tensorboard (tensorboard --logdir runs); --mlflow logs to MLflow too.
     """
     from raytumor.runtime import ray_session
     from raytumor.train.trainer import run_training
@@ -87,8 +114,9 @@ def train(
         config = experiment / BEST_FILE
         typer.echo(f"training the best config of sweep {experiment.name}: {config}")
     run_config = _load(config, overrides, name, [])
+    target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_training(run_config, resume=resume,
+        result = run_training(run_config, resume=resume, mlflow=target,
                               pretrain_cache=(experiment / "pretrain_cache") if experiment else None)
     if experiment is not None:
         from raytumor.sweep.run import record_best_run

@@ -132,7 +132,8 @@ def resolve_path(dataset_dir: str | os.PathLike, path: str | None) -> str | None
         return None
     if "://" in path or os.path.isabs(path):
         return path
-    return str((Path(dataset_dir) / path).resolve())
+    # abspath, not Path.resolve: no symlink walk (an lstat per path component, per case)
+    return os.path.abspath(os.path.join(dataset_dir, path))
 
 
 def build_class_table(

@@ -1,6 +1,6 @@
 """Preprocessing on Ray Data, cached by a fingerprint of inputs and settings.
 
-read manifest -> ``map_batches(preprocess)`` -> ``write_parquet``: every case is reoriented
+read manifest -> ``map_batches`` (preprocess + write a shard) -> outcomes: every case is reoriented
 to RAS, resized to the target shape, intensity-normalised, and stacked with its mask into
 a ``(2, X, Y, Z)`` float32 tensor (channel 0 image, channel 1 mask; zeros with
 ``has_mask=False`` when absent). Cases that fail a check are listed in ``quarantine.csv``.
@@ -8,6 +8,7 @@ a ``(2, X, Y, Z)`` float32 tensor (channel 0 image, channel 1 mask; zeros with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,17 +87,28 @@ def normalise_intensity(image: np.ndarray, lower: float, upper: float) -> np.nda
     return out.astype(np.float32)
 
 
+def resize_volume(volume: np.ndarray, shape: tuple[int, int, int], mode: str) -> np.ndarray:
+    """``(X, Y, Z)`` -> ``shape`` with ``torch.nn.functional.interpolate``, as MONAI's
+    ``Resize(shape, mode, anti_aliasing=False)`` computes it (tested equal).
+
+    Called directly because ``import monai`` costs every fresh Ray Data worker ~2 s, more than
+    preprocessing a few hundred small cases takes (docs/benchmarks.md, figure 3).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    align = False if mode in ("linear", "bilinear", "trilinear", "bicubic") else None
+    return F.interpolate(tensor, size=tuple(shape), mode=mode, align_corners=align)[0, 0].numpy()
+
+
 def preprocess_volume(image: np.ndarray, mask: np.ndarray | None, settings: PrepareSettings) -> np.ndarray:
     """``image``/``mask`` ``(X, Y, Z)`` in RAS order -> ``(2, *settings.shape)`` float32."""
-    from monai.transforms import Resize
-
-    resize_image = Resize(settings.shape, mode="trilinear", anti_aliasing=False)
-    resize_mask = Resize(settings.shape, mode="nearest-exact")
-    image_r = np.asarray(resize_image(image[np.newaxis]), dtype=np.float32)[0]
     out = np.zeros((2, *settings.shape), dtype=np.float32)
+    image_r = resize_volume(image, settings.shape, "trilinear")
     out[0] = normalise_intensity(image_r, settings.lower_percentile, settings.upper_percentile)
     if mask is not None:
-        mask_r = np.asarray(resize_mask((mask > 0).astype(np.float32)[np.newaxis]), dtype=np.float32)[0]
+        mask_r = resize_volume((mask > 0).astype(np.float32), settings.shape, "nearest-exact")
         out[1] = (mask_r > 0.5).astype(np.float32)
     return out
 
@@ -186,21 +198,61 @@ def find_prepared(dataset_dir: str | os.PathLike, settings: PrepareSettings) -> 
     return load_prepared(path) if (path / META_FILE).is_file() else None
 
 
+def write_prepared_shard(batch: pd.DataFrame, settings: PrepareSettings, shards_dir: str) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: preprocess a batch of manifest rows and write its good
+    rows straight to one Parquet shard; only the small per-case outcome goes back to the driver.
+
+    Volumes never travel through the object store. The shard name is a hash of the batch's case
+    ids, so a retried task overwrites its own shard instead of duplicating rows.
+    """
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    out = preprocess_batch(batch, settings)
+    good = out["error"] == ""
+    if good.any():
+        digest = hashlib.sha256("\0".join(out["case_id"]).encode()).hexdigest()[:16]
+        table = BlockAccessor.batch_to_block({name: out[name][good] for name in ROW_COLUMNS})
+        with atomic_path(Path(shards_dir) / f"part-{digest}.parquet") as tmp:
+            pq.write_table(table, tmp)
+    return {"case_id": out["case_id"], "error": out["error"], "error_file": out["error_file"]}
+
+
+@contextlib.contextmanager
+def _all_cpus_to_one_operator():
+    """Ray Data's per-operator resource reservation off while the block runs.
+
+    ``prepare_dataset`` runs a single map operator; with the reservation on, Ray Data kept
+    part of a 2-CPU node in reserve and ran the map's tasks one at a time (see
+    docs/benchmarks.md, figure 3).
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    before = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        context.op_resource_reservation_enabled = before
+
+
 def prepare_dataset(
     dataset_dir: str | os.PathLike,
     settings: PrepareSettings = PrepareSettings(),
     *,
     force: bool = False,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> PreparedDataset:
     """Preprocess every case of a dataset into Parquet shards with Ray Data (cached).
 
-    Needs a running Ray (see :func:`raytumor.runtime.ray_session`). A second call with an
-    unchanged manifest, files and settings returns the cache without work. The cache is
-    built in a temporary directory and renamed into place only when complete.
+    Needs a running Ray (see :func:`raytumor.runtime.ray_session`). One streaming pass:
+    manifest rows -> ``map_batches`` that preprocesses ``batch_size`` cases and writes their
+    shard -> the per-case outcomes, from which the quarantine list is written. A second call
+    with an unchanged manifest, files and settings returns the cache without work. The cache
+    is built in a temporary directory and renamed into place only when complete.
     """
     import ray
-    from ray.data.expressions import col
 
     started = time.perf_counter()
     dataset_dir = Path(dataset_dir)
@@ -220,30 +272,34 @@ def prepare_dataset(
 
     if len(rows) == 0:
         raise DatasetError(f"{dataset_dir}: the manifest has no usable case")
-    parallelism = max(1, min(len(rows) // batch_size + 1, int(ray.available_resources().get("CPU", 1)) * 4))
-    processed = (
-        ray.data.from_pandas([rows.iloc[i::parallelism] for i in range(parallelism)])
-        .map_batches(
-            preprocess_batch,
-            fn_kwargs={"settings": settings},
-            batch_size=batch_size,
-            batch_format="pandas",
-        )
-        .materialize()
-    )
+    # One task per block, one shard per batch of a block. Two blocks per CPU: every CPU stays
+    # busy to the end, and few tasks (each costs Ray Data tens of ms; measured in figure 3).
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    blocks = min(len(rows), 2 * cpus)
     with atomic_path(target) as tmp:
-        tmp.mkdir(parents=True)
-        good = processed.filter(expr=col("error") == "").drop_columns(["error", "error_file"])
-        good.write_parquet(str(tmp / SHARDS_DIR))
-        bad = processed.filter(expr=col("error") != "").select_columns(["case_id", "error_file", "error"]).to_pandas()
+        shards = tmp / SHARDS_DIR
+        shards.mkdir(parents=True)
+        with _all_cpus_to_one_operator():
+            outcomes = (
+                ray.data.from_pandas([rows.iloc[i::blocks] for i in range(blocks)])
+                .map_batches(
+                    write_prepared_shard,
+                    fn_kwargs={"settings": settings, "shards_dir": str(shards)},
+                    batch_size=batch_size,
+                    batch_format="pandas",
+                )
+                .to_pandas()
+            )
+        for leftover in shards.glob(".*"):  # temp files of a task killed mid-write (it was retried)
+            leftover.unlink()
+        bad = outcomes[outcomes["error"] != ""]
         problems.extend(CaseProblem(r.case_id, r.error_file, r.error) for r in bad.itertuples(index=False))
         write_quarantine(tmp / "quarantine.csv", problems)
-        n_good = good.count()
         meta = {
             "fingerprint": fp,
             "shape": list(settings.shape),
             "settings": asdict(settings),
-            "n_cases": n_good,
+            "n_cases": int((outcomes["error"] == "").sum()),
             "n_quarantined": len({p.case_id for p in problems}),
             "version": PREPROCESS_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -26,6 +26,7 @@ from raytumor.config import build_config, dump_config, merge
 from raytumor.errors import RaytumorError
 from raytumor.storage import atomic_write_text
 from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
+from raytumor.train.tracking import MLflowTarget, sweep_mlflow_logger
 
 BEST_FILE = "best.yaml"
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -40,6 +41,13 @@ class SweepResult:
     best_value: float
 
 
+def sampled_params(trial_params: dict) -> dict:
+    """What Tune or the grid chose for a trial, without the sweep's shared context."""
+    sampled = {k: v for k, v in trial_params.items() if k not in (SWEEP_KEY, "configuration")}
+    sampled.update(trial_params.get("configuration") or {})
+    return sampled
+
+
 def sweep_trial(trial_params: dict, shared_datasets: dict | None = None) -> None:
     """The Tune trainable: one trial = (pre-training +) training through ``run_training``."""
     import ray.tune
@@ -48,8 +56,7 @@ def sweep_trial(trial_params: dict, shared_datasets: dict | None = None) -> None
     from raytumor.train.trainer import run_training
 
     context = trial_params[SWEEP_KEY]
-    sampled = {k: v for k, v in trial_params.items() if k != SWEEP_KEY and k != "configuration"}
-    sampled.update(trial_params.get("configuration") or {})
+    sampled = sampled_params(trial_params)
     trial_id = ray.tune.get_context().get_trial_id()
     tree = merge(context["base"], nest({**context["fixed"], **sampled}))
     tree = merge(tree, {"name": trial_id, "output_dir": context["trials_dir"]})
@@ -61,7 +68,8 @@ def sweep_trial(trial_params: dict, shared_datasets: dict | None = None) -> None
         for row in history.to_dict("records"):
             ray.tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
         return
-    run_training(config, resume="auto", callbacks=[TuneReportCallback()],
+    # TensorBoard logs come from Tune's own logger (one event file per trial under tune/).
+    run_training(config, resume="auto", callbacks=[TuneReportCallback()], tensorboard=False,
                  pretrain_cache=Path(context["pretrain_cache"]), shared_datasets=shared_datasets)
 
 
@@ -159,8 +167,13 @@ def run_sweep(
     results_dir: str | None = None,
     resume: bool = False,
     verbose: int = 1,
+    mlflow: MLflowTarget | None = None,
 ) -> SweepResult:
-    """Run (or resume) a sweep; write the leaderboard and ``best.yaml``. Needs a running Ray."""
+    """Run (or resume) a sweep; write the leaderboard and ``best.yaml``. Needs a running Ray.
+
+    ``mlflow``: one MLflow run per trial through Ray Tune's MLflow logger. A resumed sweep
+    keeps the loggers it was started with (Tune restores them with its state).
+    """
     from ray import tune
 
     space, base_tree = load_search_space(space_path)
@@ -200,6 +213,7 @@ def run_sweep(
                 storage_path=str(experiment_dir),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=verbose,
+                callbacks=[sweep_mlflow_logger(mlflow)] if mlflow else None,
             ),
         )
     results = tuner.fit()
@@ -211,9 +225,7 @@ def _trial_rows(results, space: SearchSpace) -> list[dict]:
     metric, mode = space.objective.metric, space.objective.mode
     for result in results:
         history = result.metrics_dataframe
-        config = result.config or {}
-        params = {k: v for k, v in config.items() if k not in (SWEEP_KEY, "configuration")}
-        params.update(config.get("configuration") or {})
+        params = sampled_params(result.config or {})
         row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
         row.update({f"param:{k}": v for k, v in params.items()})
         if history is not None and metric in history.columns and history[metric].notna().any():

@@ -10,6 +10,7 @@ Run directory ``<output_dir>/<name>/``::
     best_model.pt        weights with the best validation Recall_M, with its config
     metrics.csv          one row per epoch
     summary.json         best epoch and its validation metrics
+    tensorboard/         TensorBoard scalars per stage and epoch
 """
 
 from __future__ import annotations
@@ -35,9 +36,19 @@ from raytumor.train.loops import (
     pretrain_loop_per_worker,
     train_loop_per_worker,
 )
+from raytumor.train.tracking import (
+    TENSORBOARD_DIR,
+    MLflowCallback,
+    MLflowTarget,
+    TensorBoardCallback,
+    end_mlflow_run,
+    start_mlflow_run,
+)
 
 Stage = Literal["pretrain", "train"]
 PRETRAINED_BACKBONE_FILE = "pretrain_backbone.pt"
+# Copied to the MLflow run at the end (small files; the weights stay in the run directory).
+RUN_ARTIFACTS = ("config.yaml", "metrics.csv", "pretrain_metrics.csv", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -226,22 +237,52 @@ def run_training(
     extra_loop_config: dict | None = None,
     pretrain_cache: Path | None = None,
     shared_datasets: dict | None = None,
+    tensorboard: bool = True,
+    mlflow: MLflowTarget | None = None,
 ) -> TrainingResult:
     """Pre-train (when ``config.pretrain.enabled``), then train; export the run directory.
 
     ``resume``: True continues an existing run, False needs a new one, "auto" does either.
     ``shared_datasets``: datasets from :func:`read_stage_datasets`, read once for many runs.
+    ``tensorboard``: event files in ``<run>/tensorboard``; ``mlflow``: one MLflow run for
+    both stages (metrics ``pretrain/...`` and ``train/...``, the config as parameters).
     """
     run_dir, resuming = prepare_run_dir(config, resume=resume)
+    mlflow_run = None
+    if mlflow is not None:
+        mlflow_run = start_mlflow_run(mlflow, config.name, config.model_dump(mode="json"),
+                                      {"raytumor_run_dir": str(run_dir.resolve()), "resumed": resuming})
+
+    def stage_callbacks(stage: Stage) -> list:
+        extra = [TensorBoardCallback(run_dir / TENSORBOARD_DIR, stage)] if tensorboard else []
+        extra += [MLflowCallback(mlflow, mlflow_run, stage)] if mlflow_run else []
+        return [*(callbacks if stage == "train" else ()), *extra]
+
+    try:
+        result = _run_stages(config, run_dir, resuming, stages, stage_callbacks, extra_loop_config, pretrain_cache,
+                             shared_datasets)
+    except BaseException:
+        if mlflow_run:
+            end_mlflow_run(mlflow, mlflow_run, failed=True)
+        raise
+    if mlflow_run:
+        end_mlflow_run(mlflow, mlflow_run, failed=False, artifacts=[run_dir / name for name in RUN_ARTIFACTS])
+    return result
+
+
+def _run_stages(config, run_dir, resuming, stages, stage_callbacks, extra_loop_config, pretrain_cache,
+                shared_datasets) -> TrainingResult:
     backbone = resolve_pretrained(config.train.pretrained) if config.train.pretrained else None
     if config.pretrain.enabled and "pretrain" in stages:
         backbone = str(run_pretraining(config, run_dir, cache_dir=pretrain_cache, extra_loop_config=extra_loop_config,
-                                       shared_datasets=shared_datasets, resume=resuming).resolve())
+                                       callbacks=stage_callbacks("pretrain"), shared_datasets=shared_datasets,
+                                       resume=resuming).resolve())
     if "train" not in stages:
         return TrainingResult(run_dir, 0, {})
     inputs = training_inputs(config, shared_datasets)
-    files = _fit(build_trainer(config, "train", run_dir, inputs, pretrained_backbone=backbone, callbacks=callbacks,
-                               extra_loop_config=extra_loop_config, resume=resuming))
+    files = _fit(build_trainer(config, "train", run_dir, inputs, pretrained_backbone=backbone,
+                               callbacks=stage_callbacks("train"), extra_loop_config=extra_loop_config,
+                               resume=resuming))
     state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
     history = pd.DataFrame(state["history"])
     history.to_csv(run_dir / "metrics.csv", index=False)

@@ -17,6 +17,7 @@ from raytumor.data.preprocess import (
     normalise_intensity,
     prepare_dataset,
     preprocess_volume,
+    resize_volume,
 )
 from tests.conftest import blob_volume, make_dataset, write_nifti
 
@@ -46,6 +47,30 @@ def test_preprocess_volume_shape_dtype_and_binary_mask():
     assert set(np.unique(out[1])) == {0.0, 1.0}
     out_no_mask = preprocess_volume(image, None, PrepareSettings(shape=SHAPE))
     assert not out_no_mask[1].any()
+
+
+@pytest.mark.parametrize("source_shape", [(20, 24, 6), (9, 7, 30), (16, 16, 8)])
+def test_resize_volume_equals_monai_resize(source_shape):
+    from monai.transforms import Resize
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=source_shape).astype(np.float32)
+    mask = (rng.random(source_shape) > 0.7).astype(np.float32)
+    for volume, mode, kwargs in ((image, "trilinear", {"anti_aliasing": False}), (mask, "nearest-exact", {})):
+        expected = np.asarray(Resize(SHAPE, mode=mode, **kwargs)(volume[np.newaxis]), dtype=np.float32)[0]
+        got = resize_volume(volume, SHAPE, mode)
+        assert got.shape == SHAPE and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_prepare_writes_one_shard_per_batch_and_no_temp_files(ray_local, tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(5, 5), unlabelled=2)
+    prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE), batch_size=4)
+    files = sorted(p.name for p in prepared.shards.iterdir())
+    assert files and all(name.startswith("part-") and name.endswith(".parquet") for name in files)
+    assert len(files) >= 12 // 4
+    ids = pd.concat(pd.read_parquet(prepared.shards / name, columns=["case_id"]) for name in files)["case_id"]
+    assert sorted(ids) == sorted(read_manifest(dataset)["case_id"]) and not ids.duplicated().any()
 
 
 def test_prepare_writes_fixed_shape_rows_and_hits_cache(ray_local, tmp_path):

@@ -56,7 +56,9 @@ def resumed_sweep(ray_local, tmp_path_factory):
 
     # The sweep's driver runs in another process on the session's Ray; SIGKILL it after one trial.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "raytumor.cli", "sweep", str(space_path)], env=env,
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = subprocess.Popen([sys.executable, "-m", "raytumor.cli", "sweep", str(space_path), "--mlflow",
+                               "--mlflow-uri", mlflow_uri], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not finished_trials(experiment) and time.time() < deadline and driver.poll() is None:
@@ -90,6 +92,24 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(resumed_sweep):
     history = pd.read_csv(experiment / "trials" / best_row["trial_id"] / "metrics.csv")
     assert history["val_recall_macro"].max() == pytest.approx(best_row["objective"])
     assert not [c for c in history.columns if c.startswith("test")]
+
+
+def test_sweep_logs_every_trial_to_mlflow_across_the_resume(resumed_sweep):
+    from mlflow import MlflowClient
+
+    tmp_path, experiment, _, _, _ = resumed_sweep
+    board = pd.read_csv(experiment / LEADERBOARD_FILE)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    for row in board.to_dict("records"):
+        finished = [r for r in runs if row["trial_id"] in r.info.run_name and r.info.status == "FINISHED"]
+        assert finished, f"no finished MLflow run for trial {row['trial_id']}: {[r.info.run_name for r in runs]}"
+        run = finished[-1]
+        # The sampled parameters only, not the sweep's base config.
+        assert set(run.data.params) == {"train.loss", "train.margin"}
+        assert run.data.params["train.loss"] == row["param:train.loss"]
+        recall = client.get_metric_history(run.info.run_id, "val_recall_macro")
+        assert max(m.value for m in recall) == pytest.approx(row["objective"])
 
 
 def test_train_best_trains_the_config_of_best_yaml(resumed_sweep, monkeypatch):

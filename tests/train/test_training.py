@@ -8,10 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from raytumor.config import load_config
+from raytumor.train.tracking import TENSORBOARD_DIR, MLflowTarget
 from raytumor.train.trainer import BEST_MODEL_FILE, PRETRAINED_BACKBONE_FILE, load_best_model, run_training
 from tests.conftest import make_dataset
+from tests.train.test_tracking import read_scalars
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -33,7 +36,9 @@ def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_datas
     config = config_for(tiny_dataset, tmp_path, "two", "train.epochs=6", "resources.num_workers=2",
                         "resources.cpus_per_worker=0.5")
     marker = tmp_path / "crashed"
-    result = run_training(config, extra_loop_config={"crash_once": {"rank": 1, "epoch": 3, "marker": str(marker)}})
+    mlflow = MLflowTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests")
+    result = run_training(config, extra_loop_config={"crash_once": {"rank": 1, "epoch": 3, "marker": str(marker)}},
+                          mlflow=mlflow)
     assert marker.exists()  # the worker really died once
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["restarts_from_checkpoint"] == 1 and summary["epochs"] == 6
@@ -48,12 +53,25 @@ def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_datas
     best_epoch = int(history["val_recall_macro"].idxmax()) + 1
     assert summary["best_epoch"] == best_epoch
 
+    # Every epoch reached TensorBoard and MLflow once, with the values of metrics.csv, across the restart.
+    scalars = read_scalars(result.run_dir / TENSORBOARD_DIR)
+    assert scalars["train/val_recall_macro"] == pytest.approx(dict(zip(history["epoch"], history["val_recall_macro"])))
+    assert sorted(scalars["train/loss"]) == [1, 2, 3, 4, 5, 6]
+    client = MlflowClient(tracking_uri=mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "two"
+    assert run.data.params["train.loss"] == "batch_all" and run.data.params["resources.num_workers"] == "2"
+    logged = client.get_metric_history(run.info.run_id, "train/val_recall_macro")
+    assert {m.step: m.value for m in logged} == pytest.approx(dict(zip(history["epoch"], history["val_recall_macro"])))
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "metrics.csv", "summary.json"}
+
 
 def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
     pre = config_for(tiny_dataset, tmp_path, "pre", "pretrain.enabled=true", "pretrain.epochs=1",
                      "pretrain.loss=ntxent")
     run_training(pre, stages=("pretrain",))
     backbone = torch.load(tmp_path / "pre" / PRETRAINED_BACKBONE_FILE, weights_only=True)
+    assert list(read_scalars(tmp_path / "pre" / TENSORBOARD_DIR)["pretrain/pretrain_loss"]) == [1]
 
     # Adam with a vanishing learning rate: after one epoch the weights are still the pre-trained ones.
     tuned = config_for(tiny_dataset, tmp_path, "tuned", "train.epochs=1", "train.lr=1e-12",

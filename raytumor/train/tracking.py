@@ -1,0 +1,173 @@
+"""Experiment tracking beside Ray's own: TensorBoard event files and MLflow runs.
+
+Both are Ray Train ``UserCallback``s: they run on the Train controller, receive what rank 0
+reports each epoch, and never touch the training loop. Sweeps use Ray Tune's own loggers
+instead (TensorBoard per trial by default, :class:`SweepMLflowLogger` with ``--mlflow``).
+
+MLflow is an optional extra (``pip install 'raytumor[mlflow]'``). With no URI given, runs go
+to MLflow's default local store, ``./mlflow.db`` (SQLite; MLflow >= 3.10 dropped the plain
+``./mlruns`` folder store); view them with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+On a multi-node cluster give a tracking server (``--mlflow-uri http://...``): the controller
+may run on any node.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.train.v2.api.callback import UserCallback
+
+from raytumor.errors import RaytumorError
+
+TENSORBOARD_DIR = "tensorboard"
+# What a run reports besides metrics: bookkeeping that would only clutter the charts.
+NOT_METRICS = {"epoch", "stage", "run", "trial_id", "checkpoint_path"}
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """The finite numbers of a report, without bookkeeping keys."""
+    out = {}
+    for key, value in metrics.items():
+        if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class TensorBoardCallback(UserCallback):
+    """Writes each epoch's metrics as TensorBoard scalars to ``log_dir`` (``<stage>/<metric>``).
+
+    tensorboardX's synchronous event writer: its ``SummaryWriter`` queues events for a
+    background thread, so a flushed file could still miss the last epoch.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, stage: str):
+        self.log_dir = str(Path(log_dir).resolve())
+        self.stage = stage
+        self._writer = None
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        if self._writer is None:
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(os.path.join(self.log_dir, "events"), filename_suffix=f".{self.stage}")
+        report = metrics[0]
+        step = int(report.get("epoch", 0))
+        for key, value in numeric_metrics(report).items():
+            self._writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(f"{self.stage}/{key}", value)))
+        self._writer.flush()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None}
+
+
+@dataclass(frozen=True)
+class MLflowTarget:
+    """Where MLflow runs go: a tracking URI (absolute) and an experiment name."""
+
+    tracking_uri: str
+    experiment: str
+
+
+def require_mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise RaytumorError("--mlflow needs MLflow: pip install 'raytumor[mlflow]' (or mlflow-skinny)") from None
+    return mlflow
+
+
+def mlflow_target(uri: str | None, experiment: str) -> MLflowTarget:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``./mlflow.db``; a local
+    SQLite or file path is made absolute (Ray runs the callbacks in another working directory)."""
+    mlflow = require_mlflow()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri and not uri.startswith(("sqlite:", "databricks")):
+        uri = "sqlite:///" + os.path.abspath(uri) if uri.endswith(".db") else Path(uri).resolve().as_uri()
+    return MLflowTarget(uri, experiment)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def start_mlflow_run(target: MLflowTarget, run_name: str, params: dict, tags: dict) -> str:
+    """Create an MLflow run with ``params`` (flattened) and ``tags``; its id."""
+    mlflow = require_mlflow()
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(tracking_uri=target.tracking_uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(target.experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
+    return run.info.run_id
+
+
+def end_mlflow_run(target: MLflowTarget, run_id: str, *, failed: bool, artifacts: list[Path] = ()) -> None:
+    mlflow = require_mlflow()
+
+    client = mlflow.MlflowClient(tracking_uri=target.tracking_uri)
+    for path in artifacts:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+class MLflowCallback(UserCallback):
+    """Logs each epoch's metrics to an existing MLflow run (``<stage>/<metric>``, step = epoch)."""
+
+    def __init__(self, target: MLflowTarget, run_id: str, stage: str):
+        self.target = target
+        self.run_id = run_id
+        self.stage = stage
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        mlflow = require_mlflow()
+        from mlflow.entities import Metric
+
+        report = metrics[0]
+        step = int(report.get("epoch", 0))
+        now = int(time.time() * 1000)
+        batch = [Metric(f"{self.stage}/{key}", value, now, step) for key, value in numeric_metrics(report).items()]
+        mlflow.MlflowClient(tracking_uri=self.target.tracking_uri).log_batch(self.run_id, metrics=batch)
+
+
+class SweepMLflowLogger(MLflowLoggerCallback):
+    """Ray Tune's MLflow logger (one MLflow run per trial, metrics every epoch), logging each
+    trial's sampled parameters rather than its whole config (which carries the sweep's base)."""
+
+    def log_trial_start(self, trial):
+        from raytumor.sweep.run import sampled_params
+
+        config = trial.config
+        trial.config = sampled_params(config)
+        try:
+            super().log_trial_start(trial)
+        finally:
+            trial.config = config
+
+
+def sweep_mlflow_logger(target: MLflowTarget) -> SweepMLflowLogger:
+    require_mlflow()
+    return SweepMLflowLogger(tracking_uri=target.tracking_uri, experiment_name=target.experiment,
+                             tags={"raytumor": "sweep"})
