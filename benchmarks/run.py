@@ -79,8 +79,12 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
     overhead = (tt or {}).get("ray_overhead")
     if overhead:
         ratio = overhead["in_loop_ratio_ray_over_plain"]
-        row("1", "Ray Train 1 worker / plain loop, in-loop samples/s", f"{ratio:.3f} (fixed cost per fit "
-            f"{overhead['ray_fixed_cost_s']:.1f} s)", ">= 0.95", met(ratio, 0.95, True))
+        runs = ", ".join(f"{r:.3f}" for r in overhead.get("in_loop_ratio_runs", []))
+        row("1", "Ray Train 1 worker / plain loop, in-loop samples/s", f"{ratio:.3f} median of [{runs}] (fixed cost "
+            f"per fit {overhead['ray_fixed_cost_s']:.1f} s)", ">= 0.95", met(ratio, 0.95, True))
+        if "in_loop_ratio_ray_task_over_plain" in overhead:
+            row("1", "plain loop in a 1-CPU Ray task / plain loop (no Ray Train)",
+                f"{overhead['in_loop_ratio_ray_task_over_plain']:.3f}", "report")
     else:
         row("1", "Ray Train 1 worker / plain loop", "not measured (train_throughput failed or skipped)")
     for step in (tt or {}).get("step_throughput", []):
@@ -104,6 +108,11 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
         row("3", "prepare_dataset vs loop, cold (first call after ray.init)", f"{s['speedup_cold']:.2f}x",
             ">= 1.7x", met(s["speedup_cold"], 1.7, True))
         row("3", "prepare_dataset cache hit", f"{s['cache_hit_s']:.3f} s", "< 1 s", met(s["cache_hit_s"], 1.0, False))
+        variants = pp.get("variants") or {}
+        for key, label in (("process_pool", "processes, no Ray"), ("plain_ray_tasks", "plain Ray tasks, no Ray Data"),
+                           ("previous_prepare", "previous 4-pass prepare_dataset")):
+            if key in variants:
+                row("3", f"ceiling / before: {label}", f"{variants[key]['loop_over_this']:.2f}x", "report")
     else:
         row("3", "preprocessing speed-up and cache hit", "not measured (preprocess failed or skipped)")
 

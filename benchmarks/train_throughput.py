@@ -21,6 +21,10 @@
    the arrays, building the model, every epoch and its validation, plus for Ray the ``fit``
    start-up, checkpoints and teardown. The plain loop runs before and after the Ray run and its
    figures are averaged, so a change in machine load during the run biases neither side.
+   ``--rounds`` Ray fits alternate with plain runs (P R P R ... P); each is compared with the
+   plain runs around it and the median ratio is the figure. The plain loop also runs inside
+   a 1-CPU Ray task (no Ray Train) between two plain runs: that splits the overhead into "a
+   Ray worker process" and "Ray Train's machinery".
 
     python benchmarks/train_throughput.py [--json results.json] [--full-batch] [--smoke]
 """
@@ -34,6 +38,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -196,7 +201,7 @@ def steady(history: list[dict]) -> tuple[float, float]:
 
 
 def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: int, cases_per_class: int,
-                 workdir: Path, worker_niceness: int, seed: int = 0) -> dict:
+                 workdir: Path, worker_niceness: int, rounds: int = 3, seed: int = 0) -> dict:
     import ray
 
     from raytumor.config import load_config
@@ -232,24 +237,40 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
         inputs = training_inputs(config)  # prepares the Ray Data cache, then reads it
         inputs_s = time.perf_counter() - started
 
+        @ray.remote(num_cpus=1)
+        def plain_in_actor(config, inputs, steps_per_epoch):
+            """The plain loop in a 1-CPU Ray worker process: what being a Ray process costs, without Train."""
+            return plain_training(config, inputs, steps_per_epoch)
+
+        # P R P R ... P T P: every Ray run is compared with the plain runs just before and after it.
         with torch_threads(ray_threads):
-            plain_before = plain_training(config, inputs, steps_per_epoch)
-            under_ray = ray_training(config, inputs, workdir / "runs", steps_per_epoch)
-            plain_after = plain_training(config, inputs, steps_per_epoch)
+            plains = [plain_training(config, inputs, steps_per_epoch)]
+            ray_runs = []
+            for round_ in range(rounds):
+                ray_runs.append(ray_training(config, inputs, workdir / "runs" / f"round{round_}", steps_per_epoch))
+                plains.append(plain_training(config, inputs, steps_per_epoch))
+            in_ray_task = ray.get(plain_in_actor.remote(config, inputs, steps_per_epoch))
+            plains.append(plain_training(config, inputs, steps_per_epoch))
     finally:
         ray.shutdown()
 
-    plain_runs = [plain_before, plain_after]
-    plain_rates = [steady(run["history"])[0] for run in plain_runs]
-    plain_rate = sum(plain_rates) / len(plain_rates)
-    plain_wait = sum(steady(run["history"])[1] for run in plain_runs) / len(plain_runs)
-    plain_wall = sum(run["wall_s"] for run in plain_runs) / len(plain_runs)
-    ray_rate, ray_wait = steady(under_ray["history"])
-    samples = epochs * steps_per_epoch * plain_before["batch"]
+    plain_rates = [steady(run["history"])[0] for run in plains]
+    ratios = [steady(run["history"])[0] / ((plain_rates[i] + plain_rates[i + 1]) / 2) for i, run in enumerate(ray_runs)]
+    plain_rate = statistics.mean(plain_rates)
+    plain_wait = statistics.mean(steady(run["history"])[1] for run in plains)
+    plain_wall = statistics.mean(run["wall_s"] for run in plains)
+    ray_rate = statistics.median(steady(run["history"])[0] for run in ray_runs)
+    ray_wait = statistics.median(steady(run["history"])[1] for run in ray_runs)
+    ray_wall = statistics.median(run["wall_s"] for run in ray_runs)
+    task_rate = steady(in_ray_task["history"])[0]
+    task_plain_rate = (plain_rates[-2] + plain_rates[-1]) / 2  # the plain runs around it
+    under_ray = ray_runs[len(ray_runs) // 2]
+    samples = epochs * steps_per_epoch * plains[0]["batch"]
     return {
         "shape": [2, *shape],
         "width": width,
-        "batch": plain_before["batch"],
+        "batch": plains[0]["batch"],
+        "rounds": rounds,
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
         "train_rows": inputs.n_train_rows,
@@ -262,18 +283,23 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
         "plain_in_loop_samples_per_s": round(plain_rate, 2),
         "plain_in_loop_samples_per_s_runs": [round(r, 2) for r in plain_rates],
         "ray_in_loop_samples_per_s": round(ray_rate, 2),
-        "in_loop_ratio_ray_over_plain": round(ray_rate / plain_rate, 4),
+        "in_loop_ratio_ray_over_plain": round(statistics.median(ratios), 4),
+        "in_loop_ratio_runs": [round(r, 4) for r in ratios],
+        "ray_in_loop_samples_per_s_runs": [round(steady(run["history"])[0], 2) for run in ray_runs],
+        "ray_task_in_loop_samples_per_s": round(task_rate, 2),
+        "plain_around_ray_task_samples_per_s": round(task_plain_rate, 2),
+        "in_loop_ratio_ray_task_over_plain": round(task_rate / task_plain_rate, 4),
         "plain_data_wait_fraction": round(plain_wait, 4),
         "ray_data_wait_fraction": round(ray_wait, 4),
         "plain_wall_s": round(plain_wall, 2),
-        "plain_wall_s_runs": [round(run["wall_s"], 2) for run in plain_runs],
-        "ray_wall_s": round(under_ray["wall_s"], 2),
-        "ray_fixed_cost_s": round(under_ray["wall_s"] - plain_wall, 2),
+        "plain_wall_s_runs": [round(run["wall_s"], 2) for run in plains],
+        "ray_wall_s": round(ray_wall, 2),
+        "ray_fixed_cost_s": round(ray_wall - plain_wall, 2),
         "wall_samples_per_s_plain": round(samples / plain_wall, 2),
-        "wall_samples_per_s_ray": round(samples / under_ray["wall_s"], 2),
-        "wall_ratio_ray_over_plain": round(plain_wall / under_ray["wall_s"], 4),
+        "wall_samples_per_s_ray": round(samples / ray_wall, 2),
+        "wall_ratio_ray_over_plain": round(plain_wall / ray_wall, 4),
         "ray_epochs": under_ray["history"],
-        "plain_epochs": plain_before["history"],
+        "plain_epochs": plains[0]["history"],
         "ray_train_health_check_interval_s": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "default"),
     }
 
@@ -315,13 +341,18 @@ def print_report(results: dict) -> None:
               f"{o['epochs']} epochs x {o['steps_per_epoch']} steps, torch threads {o['torch_threads_plain']} "
               f"(plain) / {o['torch_threads_ray_worker']} (Ray worker), niceness {o['niceness_plain']} / "
               f"{o['niceness_ray_worker']}")
-        print(f"{'':>28} {'plain':>10} {'Ray Train':>10} {'ray/plain':>10}")
+        print(f"{'':>28} {'plain':>10} {'Ray Train':>10} {'ray/plain':>10}   (Ray: median of {o['rounds']} fits)")
         print(f"{'in-loop samples/s (ep 2..)':>28} {o['plain_in_loop_samples_per_s']:>10.2f}"
               f" {o['ray_in_loop_samples_per_s']:>10.2f} {o['in_loop_ratio_ray_over_plain']:>10.3f}")
         print(f"{'data wait fraction':>28} {o['plain_data_wait_fraction']:>10.4f} {o['ray_data_wait_fraction']:>10.4f}")
+        print(f"{'plain loop in a Ray task':>28} {o['plain_around_ray_task_samples_per_s']:>10.2f}"
+              f" {o['ray_task_in_loop_samples_per_s']:>10.2f} {o['in_loop_ratio_ray_task_over_plain']:>10.3f}"
+              "   (no Ray Train: what a Ray worker process costs)")
         print(f"{'wall s (incl. fit start/end)':>28} {o['plain_wall_s']:>10.2f} {o['ray_wall_s']:>10.2f}"
               f" {o['wall_ratio_ray_over_plain']:>10.3f}")
-        print(f"   plain runs before/after Ray: {o['plain_in_loop_samples_per_s_runs']} samples/s, "
+        print(f"   Ray / plain per round (each vs the plain runs around it): {o['in_loop_ratio_runs']}, "
+              f"median {o['in_loop_ratio_ray_over_plain']:.3f}; target >= 0.95")
+        print(f"   plain runs: {o['plain_in_loop_samples_per_s_runs']} samples/s, "
               f"{o['plain_wall_s_runs']} s; Ray fixed cost {o['ray_fixed_cost_s']:.1f} s; "
               f"ray.init {o['ray_init_s']:.1f} s, prepare + read datasets {o['prepare_and_read_datasets_s']:.1f} s")
 
@@ -340,6 +371,7 @@ def main() -> None:
     parser.add_argument("--ray-width", type=float, default=0.25)
     parser.add_argument("--ray-batch", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="Ray Train fits, each between two plain runs")
     parser.add_argument("--steps-per-epoch", type=int, default=10)
     parser.add_argument("--cases-per-class", type=int, default=6,
                         help="synthetic cases per class (70%% go to train; a class needs >= 2 there)")
@@ -358,7 +390,7 @@ def main() -> None:
     cases = [(DEMO_SHAPE, 0.25, 30)]
     if args.smoke:
         args.min_seconds, args.ray_shape, args.ray_batch = 0.0, [16, 16, 4], 12
-        args.epochs, args.steps_per_epoch, args.cases_per_class = 2, 2, 5
+        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds = 2, 2, 5, 1
     else:
         cases.append((DEMO_SHAPE, 1.0, 30))
         if not args.skip_full_shape:
@@ -377,7 +409,7 @@ def main() -> None:
             workdir = Path(tmp)
             results["ray_overhead"] = ray_overhead(tuple(args.ray_shape), args.ray_width, args.ray_batch, args.epochs,
                                                    args.steps_per_epoch, args.cases_per_class, workdir,
-                                                   args.worker_niceness)
+                                                   args.worker_niceness, rounds=args.rounds)
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

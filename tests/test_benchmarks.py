@@ -32,6 +32,8 @@ def test_train_throughput_smoke(tmp_path):
     assert len(overhead["ray_epochs"]) == overhead["epochs"] == 2
     assert overhead["ray_in_loop_samples_per_s"] > 0 and overhead["plain_in_loop_samples_per_s"] > 0
     assert overhead["in_loop_ratio_ray_over_plain"] > 0 and overhead["ray_wall_s"] > 0
+    assert len(overhead["in_loop_ratio_runs"]) == overhead["rounds"] == 1
+    assert overhead["in_loop_ratio_ray_task_over_plain"] > 0
 
 
 @pytest.mark.slow

@@ -80,23 +80,43 @@ def _progress(rank: int, total: int, start: int, description: str):
     return bar
 
 
+def _start(loop_config: dict):
+    """The loop's config, this worker's rank / world size / device, seeded per rank."""
+    from raytumor.config import RunConfig
+
+    config = RunConfig.model_validate(loop_config["config"])
+    rank, world, device = _context()
+    torch.manual_seed(config.seed * 1000 + rank)
+    return config, rank, world, device
+
+
+def _prepare_model(model, device):
+    import ray.train.torch
+
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    return ray.train.torch.prepare_model(model)
+
+
+def _restore_training_state(state: dict, model, optimizer, sampler, rank: int) -> None:
+    """Model, optimizer and this rank's sampler position from a checkpoint of the loop."""
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state(state["sampler"][rank] if rank < len(state["sampler"]) else state["sampler"][0])
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Final training: class-balanced P x K batches, triplet / CE / interval loss, KNN validation."""
     import ray.train
-    import ray.train.torch
 
-    from raytumor.config import RunConfig
     from raytumor.losses import get_loss
     from raytumor.models import build_model, load_backbone_weights
     from raytumor.train.datasets import load_arrays
     from raytumor.train.sampler import PKBatchSampler
     from raytumor.train.steps import eval_step, to_device, train_step
 
-    config = RunConfig.model_validate(loop_config["config"])
+    config, rank, world, device = _start(loop_config)
     train_cfg = config.train
-    rank, world, device = _context()
-    torch.manual_seed(config.seed * 1000 + rank)
-
     volumes, labels = load_arrays(ray.train.get_dataset_shard("train"))
     if rank == 0:
         reference = load_arrays(ray.train.get_dataset_shard("reference"))
@@ -113,9 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("pretrained_backbone"):
         state = torch.load(loop_config["pretrained_backbone"], map_location="cpu", weights_only=True)
         load_backbone_weights(model, state)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
-    model = ray.train.torch.prepare_model(model)
+    model = _prepare_model(model, device)
     if train_cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     else:
@@ -128,9 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_epoch, best, best_epoch, history, best_model, restarts = 0, -math.inf, 0, [], None, 0
     state = _load_state(ray.train.get_checkpoint(), loop_config.get("resume_from"))
     if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state(state["sampler"][rank] if rank < len(state["sampler"]) else state["sampler"][0])
+        _restore_training_state(state, model, optimizer, sampler, rank)
         start_epoch, best, best_epoch, history = state["epoch"], state["best"], state["best_epoch"], state["history"]
         best_model, restarts = state["best_model"], state["restarts"] + 1
 
@@ -196,9 +212,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def pretrain_loop_per_worker(loop_config: dict) -> None:
     """Contrastive pre-training: two augmented views per volume, NT-Xent or triplet loss, SGD."""
     import ray.train
-    import ray.train.torch
 
-    from raytumor.config import RunConfig
     from raytumor.data.augment import two_view_batch
     from raytumor.losses import get_contrastive_loss
     from raytumor.models import build_contrastive_model
@@ -206,17 +220,12 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
     from raytumor.train.sampler import ShuffledBatchSampler
     from raytumor.train.steps import pretrain_step, to_device
 
-    config = RunConfig.model_validate(loop_config["config"])
+    config, rank, world, device = _start(loop_config)
     pre = config.pretrain
-    rank, world, device = _context()
-    torch.manual_seed(config.seed * 1000 + rank)
     volumes, _ = load_arrays(ray.train.get_dataset_shard("train"))
 
-    model = build_contrastive_model(config.model.encoder, in_channels=2, width=config.model.width,
-                                    projection_dim=pre.projection_dim)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
-    model = ray.train.torch.prepare_model(model)
+    model = _prepare_model(build_contrastive_model(config.model.encoder, in_channels=2, width=config.model.width,
+                                                   projection_dim=pre.projection_dim), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=pre.lr, momentum=pre.momentum)
     loss_kwargs = {"temperature": pre.temperature} if pre.loss == "ntxent" else {"margin": pre.margin}
     loss_fn = get_contrastive_loss(pre.loss, **loss_kwargs)
@@ -227,9 +236,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
     start_epoch, history, restarts = 0, [], 0
     state = _load_state(ray.train.get_checkpoint(), loop_config.get("resume_from"))
     if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state(state["sampler"][0])
+        _restore_training_state(state, model, optimizer, sampler, rank)
         view_rng.bit_generator.state = state["view_rng"]
         start_epoch, history, restarts = state["epoch"], state["history"], state["restarts"] + 1
 
