@@ -26,6 +26,7 @@ from ray.train.v2.api.callback import UserCallback
 from raytumor.errors import RaytumorError
 
 TENSORBOARD_DIR = "tensorboard"
+DEFAULT_MLFLOW_URI = "sqlite:///mlflow.db"
 # What a run reports besides metrics: bookkeeping that would only clutter the charts.
 NOT_METRICS = {"epoch", "stage", "run", "trial_id", "checkpoint_path"}
 
@@ -90,8 +91,10 @@ def require_mlflow():
 def mlflow_target(uri: str | None, experiment: str) -> MLflowTarget:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``./mlflow.db``; a local
     SQLite or file path is made absolute (Ray runs the callbacks in another working directory)."""
-    mlflow = require_mlflow()
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    require_mlflow()
+    # MLflow's own default, spelled out: mlflow.get_tracking_uri() would return whatever an
+    # earlier set_tracking_uri in this process chose (Ray's Tune logger sets it).
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     elif "://" not in uri and not uri.startswith(("sqlite:", "databricks")):
