@@ -23,7 +23,7 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train.v2.api.callback import UserCallback
 
-from raytumor.errors import RaytumorError
+from raytumor.errors import ConfigError, RaytumorError
 
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_MLFLOW_URI = "sqlite:///mlflow.db"
@@ -89,16 +89,20 @@ def require_mlflow():
 
 
 def mlflow_target(uri: str | None, experiment: str) -> MLflowTarget:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``./mlflow.db``; a local
-    SQLite or file path is made absolute (Ray runs the callbacks in another working directory)."""
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``./mlflow.db``. A local
+    SQLite store is made absolute (Ray runs the callbacks in another working directory); a
+    bare path must name a ``.db`` file, since MLflow >= 3.10 has no folder store."""
     require_mlflow()
     # MLflow's own default, spelled out: mlflow.get_tracking_uri() would return whatever an
     # earlier set_tracking_uri in this process chose (Ray's Tune logger sets it).
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    elif "://" not in uri and not uri.startswith(("sqlite:", "databricks")):
-        uri = "sqlite:///" + os.path.abspath(uri) if uri.endswith(".db") else Path(uri).resolve().as_uri()
+    elif ":" not in uri:
+        if not uri.endswith(".db"):
+            raise ConfigError(f"--mlflow-uri {uri}: a local store is a SQLite file ending in .db (MLflow >= 3.10 "
+                              "has no folder store), or give a URI such as http://host:5000")
+        uri = "sqlite:///" + os.path.abspath(uri)
     return MLflowTarget(uri, experiment)
 
 
@@ -118,11 +122,15 @@ def start_mlflow_run(target: MLflowTarget, run_name: str, params: dict, tags: di
     mlflow = require_mlflow()
     from mlflow.entities import Param
 
-    client = mlflow.MlflowClient(tracking_uri=target.tracking_uri)
-    experiment = client.get_experiment_by_name(target.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(target.experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
+    try:
+        client = mlflow.MlflowClient(tracking_uri=target.tracking_uri)
+        experiment = client.get_experiment_by_name(target.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(target.experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
+    except Exception as exc:  # noqa: BLE001 - an unreachable or broken store, in MLflow's words
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RaytumorError(f"MLflow at {target.tracking_uri}: {message}") from None
     return run.info.run_id
 
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from raytumor.train.tracking import TensorBoardCallback, flatten, mlflow_target, numeric_metrics
+from raytumor.errors import ConfigError, RaytumorError
+from raytumor.train.tracking import (
+    MLflowTarget,
+    TensorBoardCallback,
+    flatten,
+    mlflow_target,
+    numeric_metrics,
+    start_mlflow_run,
+)
 
 
 def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -45,6 +53,8 @@ def test_mlflow_target_makes_local_stores_absolute(tmp_path, monkeypatch):
     assert mlflow_target(None, "e").tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert mlflow_target("sqlite:///sub/t.db", "e").tracking_uri == f"sqlite:///{tmp_path / 'sub' / 't.db'}"
     assert mlflow_target("store.db", "e").tracking_uri == f"sqlite:///{tmp_path / 'store.db'}"
+    with pytest.raises(ConfigError, match="mlruns: a local store is a SQLite file"):
+        mlflow_target("mlruns", "e")
     assert mlflow_target("http://mlflow.internal:5000", "e").tracking_uri == "http://mlflow.internal:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
     assert mlflow_target(None, "e").tracking_uri == "http://from-env:5000"
@@ -62,8 +72,15 @@ def test_tensorboard_callback_writes_scalars_per_epoch(tmp_path):
 def test_mlflow_flag_without_mlflow_installed_says_what_to_install(monkeypatch):
     import sys
 
-    from raytumor.errors import RaytumorError
-
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
     with pytest.raises(RaytumorError, match=r"pip install 'raytumor\[mlflow\]'"):
         mlflow_target(None, "e")
+
+
+def test_unreachable_mlflow_store_is_one_line_error(tmp_path):
+    pytest.importorskip("mlflow")
+    (tmp_path / "a-file").write_text("not a directory")
+    target = MLflowTarget(f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}", "e")
+    with pytest.raises(RaytumorError, match=r"^MLflow at sqlite:///.*a-file.*: ") as info:
+        start_mlflow_run(target, "run", {"a": 1}, {})
+    assert "\n" not in str(info.value)
