@@ -30,6 +30,7 @@ from raytumor.train.tracking import MLflowTarget, sweep_mlflow_logger
 
 BEST_FILE = "best.yaml"
 LEADERBOARD_FILE = "leaderboard.csv"
+# Sweeps started before the context moved out of the trial config carry it under this key.
 SWEEP_KEY = "__sweep__"
 
 
@@ -48,14 +49,17 @@ def sampled_params(trial_params: dict) -> dict:
     return sampled
 
 
-def sweep_trial(trial_params: dict, shared_datasets: dict | None = None) -> None:
-    """The Tune trainable: one trial = (pre-training +) training through ``run_training``."""
+def sweep_trial(trial_params: dict, context: dict, shared_datasets: dict | None = None) -> None:
+    """The Tune trainable: one trial = (pre-training +) training through ``run_training``.
+
+    ``trial_params`` is what Tune sampled (all Tune shows and logs); ``context`` is the same for
+    every trial of the sweep: base config, fixed parameters, directories.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytumor.train.trainer import run_training
 
-    context = trial_params[SWEEP_KEY]
     sampled = sampled_params(trial_params)
     trial_id = ray.tune.get_context().get_trial_id()
     tree = merge(context["base"], nest({**context["fixed"], **sampled}))
@@ -77,12 +81,12 @@ def _experiment_dir(space: SearchSpace, name: str | None, results_dir: str | Non
     return Path(results_dir or space.results_dir).resolve() / (name or space.name)
 
 
-def _trainable(shared_datasets: dict):
+def _trainable(shared_datasets: dict, context: dict):
     from ray import tune
 
     # The trial driver only waits on its Train workers: it reserves no CPU (a 1-CPU driver
     # plus 1-CPU workers cannot run on 2 cores); the workers and Ray Data get the CPUs.
-    trainable = tune.with_parameters(sweep_trial, shared_datasets=shared_datasets)
+    trainable = tune.with_parameters(sweep_trial, context=context, shared_datasets=shared_datasets)
     return tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
 
 
@@ -113,16 +117,19 @@ def _scheduler(space: SearchSpace, max_epochs: int):
                          reduction_factor=space.scheduler.reduction_factor)
 
 
-def _param_space(space: SearchSpace, base_tree: dict, experiment_dir: Path) -> dict:
-    from ray import tune
-
-    context = {
+def _context(space: SearchSpace, base_tree: dict, experiment_dir: Path) -> dict:
+    return {
         "base": base_tree,
         "fixed": space.fixed(),
         "trials_dir": str(experiment_dir / "trials"),
         "pretrain_cache": str(experiment_dir / "pretrain_cache"),
     }
-    params: dict[str, Any] = {SWEEP_KEY: context}
+
+
+def _param_space(space: SearchSpace) -> dict:
+    from ray import tune
+
+    params: dict[str, Any] = {}
     if space.search == "grid":
         params["configuration"] = tune.grid_search(space.configurations)
     return params
@@ -190,15 +197,16 @@ def run_sweep(
         atomic_write_text(experiment_dir / "space.yaml", Path(space_path).read_text())
         atomic_write_text(experiment_dir / "base.yaml", yaml.safe_dump(base_tree, sort_keys=False))
     shared = _shared_inputs(space, base_tree)
+    context = _context(space, base_tree, experiment_dir)
 
     max_epochs = build_config(merge(base_tree, nest(space.fixed())), source=space.name).train.epochs
     if resume:
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=_trainable(shared), resume_errored=True,
-                                   param_space=_param_space(space, base_tree, experiment_dir))
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=_trainable(shared, context), resume_errored=True,
+                                   param_space=_param_space(space))
     else:
         tuner = tune.Tuner(
-            _trainable(shared),
-            param_space=_param_space(space, base_tree, experiment_dir),
+            _trainable(shared, context),
+            param_space=_param_space(space),
             tune_config=tune.TuneConfig(
                 metric=space.objective.metric,
                 mode=space.objective.mode,
