@@ -165,7 +165,8 @@ class MLflowCallback(UserCallback):
 
 class SweepMLflowLogger(MLflowLoggerCallback):
     """Ray Tune's MLflow logger (one MLflow run per trial, metrics every epoch), logging each
-    trial's sampled parameters rather than its whole config (which carries the sweep's base)."""
+    trial's sampled parameters flat: a grid's ``configuration`` dict becomes its keys (and
+    sweeps started by older versions drop their context key)."""
 
     def log_trial_start(self, trial):
         from raytumor.sweep.run import sampled_params
