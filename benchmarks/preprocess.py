@@ -47,7 +47,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from common import machine, two_decimals
 
 TARGET_SPEEDUP = 1.7
 TARGET_CACHE_HIT_S = 1.0
@@ -252,17 +253,9 @@ def worker_import_s(imports: str) -> float:
 # --- the run --------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    import ray
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "ray": ray.__version__, "python": platform.python_version(),
-            "torch_threads_loop": torch.get_num_threads()}
-
-
 def run(args, size: dict, workdir: Path) -> dict:
     import ray
+    import torch
 
     from raytumor.data.manifest import read_manifest
     from raytumor.data.preprocess import PrepareSettings, fingerprint, prepare_dataset
@@ -271,7 +264,7 @@ def run(args, size: dict, workdir: Path) -> dict:
     settings = PrepareSettings(shape=tuple(args.shape))
     print("writing the demo dataset ...", flush=True)
     dataset, data_facts = make_data(workdir, size["scale"], size["raw_shape"], size["cases"], args.seed)
-    results = {"machine": machine(), "dataset": data_facts,
+    results = {"machine": machine(torch_threads_loop=torch.get_num_threads()), "dataset": data_facts,
                "settings": {**size, "shape": list(settings.shape), "seed": args.seed, "smoke": args.smoke}}
 
     os.environ["RAY_worker_niceness"] = "0"  # as raytumor's embedded Ray (raytumor.runtime.ray_session)
@@ -410,7 +403,7 @@ def print_report(results: dict) -> None:
         return
     one = v["loop_1_thread"]
     print(f"\nWhere the time goes (warm workers; every row bracketed by loop runs). Fresh-process import of a "
-          f"task's modules: {_f(v['worker_import_s'])} s ({_f(v['worker_import_with_monai_s'])} s with MONAI); "
+          f"task's modules: {two_decimals(v['worker_import_s'])} s ({two_decimals(v['worker_import_with_monai_s'])} s with MONAI); "
           f"loop at 1 torch thread {one['loop_s']:.2f} s vs {one['loop_default_threads_s_around']:.2f} s at "
           f"{m['torch_threads_loop']}")
     print(f"{'':>44} {'seconds':>8} {'loop s':>7} {'speed-up':>9}")
@@ -420,10 +413,6 @@ def print_report(results: dict) -> None:
     rows += [(f"prepare_dataset(batch_size={r['batch_size']})", r) for r in v["prepare_dataset"]]
     for label, r in rows:
         print(f"{label:>44} {r['seconds']:>8.2f} {r['loop_s_around']:>7.2f} {r['loop_over_this']:>9.2f}")
-
-
-def _f(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:

@@ -46,15 +46,14 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common import import_make_dataset, machine, steady, two_decimals
+
 SAMPLES_PER_CLASS = 3
 TARGET_DATA_WAIT = 0.02
 TARGET_FIRST_BATCH_S = 2.0
@@ -69,27 +68,6 @@ SIZES = {
 def parse_layout(text: str) -> tuple[int, float]:
     workers, cpus = text.lower().split("x")
     return int(workers), float(cpus)
-
-
-def import_make_dataset():
-    """``tests.conftest.make_dataset``, without keeping the env defaults conftest sets for the tests."""
-    saved = dict(os.environ)
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests.conftest import make_dataset
-
-    for key in set(os.environ) - set(saved):
-        del os.environ[key]
-    return make_dataset
-
-
-def steady(history: list[dict]) -> tuple[float, float]:
-    """samples/s (total samples over total time: every epoch runs the same steps) and mean
-    data-wait fraction over epochs 2.. (epoch 1 only when there is no other)."""
-    rows = history[1:] or history
-    rate = len(rows) / sum(1.0 / r["samples_per_s"] for r in rows)
-    wait = sum(r["data_wait_fraction"] for r in rows) / len(rows)
-    return rate, wait
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -232,14 +210,6 @@ def efficiency_rows(runs: list[dict]) -> list[dict]:
 # --- report ---------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    import ray
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "ray": ray.__version__, "python": platform.python_version()}
-
-
 def print_report(results: dict) -> None:
     m, s = results["machine"], results["settings"]
     print(f"\nMachine: {m['cpu_count']} CPUs (load {m['load_average_1m']} at start), torch {m['torch']}, ray {m['ray']}")
@@ -260,14 +230,10 @@ def print_report(results: dict) -> None:
     f = results["first_batch"]
     print(f"\nTime to first batch (driver proxy, median of {f['repeats']}): read_stage_datasets {f['read_stage_datasets_s']:.2f} s"
           f" + load_arrays {f['load_arrays_s']:.2f} s = {f['first_batch_proxy_s']:.2f} s (target < {f['target_s']} s);"
-          f" load_arrays via streaming_split {_f(f['load_arrays_streaming_split_s'])} s; {f['train_rows']} rows,"
+          f" load_arrays via streaming_split {two_decimals(f['load_arrays_streaming_split_s'])} s; {f['train_rows']} rows,"
           f" {f['train_mb']} MB; first call of the session {f['first_call_s']:.2f} s")
     worst = max(r["data_wait_fraction"] for r in results["runs"])
     print(f"Data wait, epochs 2..: at most {worst:.4f} of a step over all layouts (target < {TARGET_DATA_WAIT})")
-
-
-def _f(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:

@@ -61,11 +61,12 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine
 
 METRIC = "val_recall_macro"
 WITHIN = 0.99  # "within 1 % of the best": running best >= WITHIN x best value found
@@ -258,14 +259,6 @@ def pretrain_figures(experiment: Path, trials: list[dict], wall: float) -> dict:
 
 
 # --- report ---------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    import ray
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "ray": ray.__version__, "python": platform.python_version()}
 
 
 def print_report(results: dict) -> None:

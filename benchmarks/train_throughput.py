@@ -37,14 +37,13 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common import import_make_dataset, machine, steady
+
 DEMO_SHAPE = (32, 32, 8)
 PAPER_SHAPE = (128, 128, 12)
 SAMPLES_PER_CLASS = 3
@@ -110,22 +109,6 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def import_make_dataset():
-    """``tests.conftest.make_dataset``, without keeping the env defaults conftest sets for the tests.
-
-    conftest shortens Ray Train's health-check interval (which shortens teardown); the wall
-    times here should be those of a plain ``raytumor train``.
-    """
-    saved = dict(os.environ)
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests.conftest import make_dataset
-
-    for key in set(os.environ) - set(saved):
-        del os.environ[key]
-    return make_dataset
-
-
 def plain_training(config, inputs, steps_per_epoch: int) -> dict:
     """``train_loop_per_worker`` for one worker, minus Ray: same seeds, sampler, steps, timing."""
     import torch
@@ -186,18 +169,6 @@ def ray_training(config, inputs, run_dir: Path, steps_per_epoch: int) -> dict:
         state = torch.load(io.BytesIO((Path(directory) / CHECKPOINT_FILE).read_bytes()), weights_only=True)
     history = [{k: row[k] for k in ("epoch", "loss", "samples_per_s", "data_wait_fraction")} for row in state["history"]]
     return {"history": history, "wall_s": wall}
-
-
-def steady(history: list[dict]) -> tuple[float, float]:
-    """samples/s and data-wait fraction over epochs 2.. (epoch 1 only when there is no other).
-
-    Every epoch runs the same steps, so the harmonic mean of the per-epoch rates is total
-    samples over total time.
-    """
-    rows = history[1:] or history
-    rate = len(rows) / sum(1.0 / r["samples_per_s"] for r in rows)
-    wait = sum(r["data_wait_fraction"] for r in rows) / len(rows)
-    return rate, wait
 
 
 def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: int, cases_per_class: int,
@@ -307,20 +278,6 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
 # --- report ---------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    import ray
-    import torch
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "torch_threads_default": torch.get_num_threads(),
-    }
-
-
 def print_report(results: dict) -> None:
     m = results["machine"]
     print(f"\nMachine: {m['cpu_count']} CPUs (load {m['load_average_1m']} at start), torch {m['torch']}, "
@@ -396,7 +353,7 @@ def main() -> None:
         if not args.skip_full_shape:
             cases.append((PAPER_SHAPE, 1.0, full_batch))
 
-    results = {"machine": machine(), "step_throughput": [], "settings": vars(args) | {"workdir": str(args.workdir)}}
+    results = {"machine": machine(torch_threads_default=torch.get_num_threads()), "step_throughput": [], "settings": vars(args) | {"workdir": str(args.workdir)}}
     for shape, width, batch in cases:
         print(f"step throughput: shape {shape}, width {width}, batch {batch} ...", flush=True)
         results["step_throughput"].append(step_throughput(shape, width, batch, args.min_seconds))

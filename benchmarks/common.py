@@ -1,0 +1,53 @@
+"""What every benchmark script shares: the machine facts, steady-state epoch figures, the
+tests' synthetic dataset writer, number formatting. Imported by the scripts as ``common``
+(each runs as ``python benchmarks/<name>.py``, so this folder is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine(**extra) -> dict:
+    """CPUs, load, library versions; ``extra`` adds a script's own facts."""
+    import ray
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "ray": ray.__version__, "python": platform.python_version(), **extra}
+
+
+def steady(history: list[dict]) -> tuple[float, float]:
+    """samples/s and mean data-wait fraction over epochs 2.. (epoch 1 only when there is no other).
+
+    Every epoch runs the same steps, so the harmonic mean of the per-epoch rates is total
+    samples over total time.
+    """
+    rows = history[1:] or history
+    rate = len(rows) / sum(1.0 / r["samples_per_s"] for r in rows)
+    wait = sum(r["data_wait_fraction"] for r in rows) / len(rows)
+    return rate, wait
+
+
+def import_make_dataset():
+    """``tests.conftest.make_dataset``, without keeping the env defaults conftest sets for the tests.
+
+    conftest shortens Ray Train's health-check interval (which shortens teardown); the wall
+    times here should be those of a plain ``raytumor train``.
+    """
+    saved = dict(os.environ)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.conftest import make_dataset
+
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    return make_dataset
+
+
+def two_decimals(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
