@@ -12,16 +12,20 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python benchmarks/<args>`` from the repository root; fails the test on a non-zero exit.
+    The timeout only stops a hung run."""
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "train.json"
     # Ray Train start-up alone is 10-25 s here; the limit only stops a hung run.
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--smoke", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script("benchmarks/train_throughput.py", "--smoke", "--json", str(out))
     assert "samples/s" in proc.stdout and "ray/plain" in proc.stdout
     results = json.loads(out.read_text())
     assert results["machine"]["cpu_count"] >= 1
@@ -41,11 +45,7 @@ def test_train_throughput_smoke(tmp_path):
 def test_preprocess_smoke(tmp_path):
     out = tmp_path / "preprocess.json"
     # ~30 s on 2 idle cores (Ray start and the workers' first imports dominate); the limit only stops a hang.
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/preprocess.py", "--smoke", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script("benchmarks/preprocess.py", "--smoke", "--json", str(out))
     assert "speed-up" in proc.stdout and "cache hit" in proc.stdout
     results = json.loads(out.read_text())
     side = results["side_by_side"]
@@ -65,11 +65,7 @@ def test_preprocess_smoke(tmp_path):
 def test_scaling_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     # Two short Ray Train fits (1 worker, then 2 x 0.5 CPU); the limit only stops a hung run.
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/scaling.py", "--smoke", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script("benchmarks/scaling.py", "--smoke", "--json", str(out))
     assert "efficiency" in proc.stdout
     results = json.loads(out.read_text())
     assert [r["layout"] for r in results["runs"]] == ["1x1", "2x0.5"]
@@ -83,11 +79,7 @@ def test_scaling_smoke(tmp_path):
 @pytest.mark.slow
 def test_run_collects_a_summary(tmp_path):
     # knn alone keeps this quick; the other scripts' smoke runs have their own tests.
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--smoke", "--only", "knn", "--json-dir", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script("benchmarks/run.py", "--smoke", "--only", "knn", "--json-dir", str(tmp_path), timeout=120)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["scripts"]["knn"]["status"] == "ok" and summary["smoke"]
     figures = {row["figure"] for row in summary["figures"]}
