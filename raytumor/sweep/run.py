@@ -26,7 +26,7 @@ from raytumor.config import build_config, dump_config, merge
 from raytumor.errors import RaytumorError
 from raytumor.storage import atomic_write_text
 from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
-from raytumor.train.tracking import MLflowTarget, sweep_mlflow_logger
+from raytumor.train.tracking import MLflowTarget
 
 BEST_FILE = "best.yaml"
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -183,6 +183,11 @@ def run_sweep(
     """
     from ray import tune
 
+    callbacks = None
+    if mlflow is not None:
+        from raytumor.sweep.mlflow_logger import sweep_mlflow_logger
+
+        callbacks = [sweep_mlflow_logger(mlflow)]
     space, base_tree = load_search_space(space_path)
     base_tree = _absolute_paths(base_tree, space)
     experiment_dir = _experiment_dir(space, name, results_dir)
@@ -221,7 +226,7 @@ def run_sweep(
                 storage_path=str(experiment_dir),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=verbose,
-                callbacks=[sweep_mlflow_logger(mlflow)] if mlflow else None,
+                callbacks=callbacks,
             ),
         )
     results = tuner.fit()

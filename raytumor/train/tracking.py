@@ -2,7 +2,7 @@
 
 Both are Ray Train ``UserCallback``s: they run on the Train controller, receive what rank 0
 reports each epoch, and never touch the training loop. Sweeps use Ray Tune's own loggers
-instead (TensorBoard per trial by default, :class:`SweepMLflowLogger` with ``--mlflow``).
+instead (TensorBoard per trial by default, ``raytumor.sweep.mlflow_logger`` with ``--mlflow``).
 
 MLflow is an optional extra (``pip install 'raytumor[mlflow]'``). With no URI given, runs go
 to MLflow's default local store, ``./mlflow.db`` (SQLite; MLflow >= 3.10 dropped the plain
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train.v2.api.callback import UserCallback
 
 from raytumor.errors import ConfigError, RaytumorError
@@ -161,25 +160,3 @@ class MLflowCallback(UserCallback):
         now = int(time.time() * 1000)
         batch = [Metric(f"{self.stage}/{key}", value, now, step) for key, value in numeric_metrics(report).items()]
         mlflow.MlflowClient(tracking_uri=self.target.tracking_uri).log_batch(self.run_id, metrics=batch)
-
-
-class SweepMLflowLogger(MLflowLoggerCallback):
-    """Ray Tune's MLflow logger (one MLflow run per trial, metrics every epoch), logging each
-    trial's sampled parameters flat: a grid's ``configuration`` dict becomes its keys (and
-    sweeps started by older versions drop their context key)."""
-
-    def log_trial_start(self, trial):
-        from raytumor.sweep.run import sampled_params
-
-        config = trial.config
-        trial.config = sampled_params(config)
-        try:
-            super().log_trial_start(trial)
-        finally:
-            trial.config = config
-
-
-def sweep_mlflow_logger(target: MLflowTarget) -> SweepMLflowLogger:
-    require_mlflow()
-    return SweepMLflowLogger(tracking_uri=target.tracking_uri, experiment_name=target.experiment,
-                             tags={"raytumor": "sweep"})
