@@ -37,7 +37,7 @@ and after it. Figures:
 The loop's output is checked against the cache ``prepare_dataset`` wrote (same case ids, same
 volumes), so both sides did the same work.
 
-    python benchmarks/preprocess.py [--json results.json] [--smoke] [--scale 0.05] [--rounds 2]
+    python benchmarks/preprocess.py [--json results.json] [--smoke] [--scale 0.05] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ TARGET_CACHE_HIT_S = 1.0
 # Default: 291 cases (demo scale 0.05) of 128x128x32, ~3 min in all on 2 cores.
 # Smoke: the demo's smallest dataset (135 cases, 5 per class) cut to 40 cases of 32x32x8.
 SIZES = {
-    "default": dict(scale=0.05, raw_shape=(128, 128, 32), cases=None, rounds=2),
+    "default": dict(scale=0.05, raw_shape=(128, 128, 32), cases=None, rounds=5),
     "smoke": dict(scale=0.0001, raw_shape=(32, 32, 8), cases=40, rounds=1),
 }
 # What a Ray worker imports before its first preprocessing task can run, and MONAI on top
@@ -423,7 +423,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, help="cut the manifest to this many cases")
     parser.add_argument("--raw-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="NIfTI shape (default 128 128 32)")
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 8], metavar=("X", "Y", "Z"), help="prepared shape")
-    parser.add_argument("--rounds", type=int, help="warm prepare_dataset calls (default 2)")
+    parser.add_argument("--rounds", type=int, help="warm prepare_dataset calls (default 5)")
     parser.add_argument("--skip-variants", action="store_true", help="leave out the where-the-time-goes part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the temp dataset goes (default: system temp dir)")

@@ -76,6 +76,31 @@ def test_scaling_smoke(tmp_path):
     assert results["first_batch"]["first_batch_proxy_s"] > 0 and results["first_batch"]["train_rows"] > 0
 
 
+def test_gpu_throughput_smoke_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    # CPU smoke: tiny shape, every precision mode; ~5 s. The figure itself needs a GPU.
+    proc = run_script("benchmarks/gpu_throughput.py", "--smoke", "--device", "cpu", "--peak-tflops", "0.5",
+                      "--json", str(out), timeout=120)
+    assert "samples/s" in proc.stdout and "not the figure" in proc.stdout
+    results = json.loads(out.read_text())
+    assert [r["mode"] for r in results["runs"]] == ["fp32", "bf16", "bf16_channels_last_3d"]
+    model = results["model"]
+    assert model["train_gflop_per_sample"] > model["forward_gflop_per_sample"] > 0 and model["parameters"] > 0
+    for r in results["runs"]:
+        assert r["steps"] >= 1 and r["samples_per_s"] > 0
+        assert r["achieved_tflop_per_s"] == pytest.approx(model["train_gflop_per_sample"] * r["samples_per_s"] / 1000, rel=0.05, abs=1e-3)
+        assert r["peak_tflop_per_s"] == 0.5
+        assert r["fraction_of_peak"] == pytest.approx(r["achieved_tflop_per_s"] / 0.5, abs=1e-3)
+    assert set(results["speedup_vs_fp32"][str(results["runs"][0]["batch"])]) == {"bf16", "bf16_channels_last_3d"}
+
+
+def test_gpu_throughput_refuses_to_report_a_cpu_figure():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--device", "cpu"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "figure 7 is a GPU figure" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_run_collects_a_summary(tmp_path):
     # knn alone keeps this quick; the other scripts' smoke runs have their own tests.
