@@ -5,7 +5,7 @@ A demo dataset (``make_demo_dataset``, MNI152 cases with synthetic tumours, NIfT
 prepared to ``--shape`` (default 32 x 32 x 8) two ways, in one process:
 
 - ``loop``: a single-process loop over the manifest doing exactly what ``preprocess_batch``
-  does per case (``check_case`` + ``reorient_to_ras`` + ``preprocess_volume``) and writing one
+  does per case (``check_case`` + ``ras_voxels`` + ``preprocess_volume``) and writing one
   Parquet file with pyarrow (same columns, fixed-shape tensor volume). It runs in this process
   at torch's default thread count, after importing what it needs (so it pays no import).
 - ``prepare_dataset(dataset, PrepareSettings(shape), force=True)`` on a Ray started with
@@ -67,7 +67,7 @@ SIZES = {
 }
 # What a Ray worker imports before its first preprocessing task can run, and MONAI on top
 # (which prepare_dataset's workers imported before resize_volume replaced MONAI's Resize).
-WORKER_IMPORTS = "import raytumor.data.preprocess, torch, nibabel, pandas, pyarrow.parquet, ray.data"
+WORKER_IMPORTS = "import raytumor.data.preprocess, torch, nibabel, isal.igzip, pandas, pyarrow.parquet, ray.data"
 WORKER_IMPORTS_WITH_MONAI = WORKER_IMPORTS + ", monai.transforms"
 
 
@@ -119,7 +119,7 @@ def loop_prepare(dataset: Path, settings, out_file: Path) -> dict:
 
     from raytumor.data.preprocess import preprocess_volume
     from raytumor.data.validate import CaseCheckError, check_case
-    from raytumor.data.volumes import reorient_to_ras
+    from raytumor.data.volumes import ras_voxels
 
     started, cpu_started = time.perf_counter(), time.process_time()
     rows = manifest_rows(dataset)
@@ -136,8 +136,8 @@ def loop_prepare(dataset: Path, settings, out_file: Path) -> dict:
             split["read_check_s"] += time.perf_counter() - t0
             continue
         t1 = time.perf_counter()
-        image_ras = reorient_to_ras(image)
-        mask_ras = reorient_to_ras(mask) if mask is not None else None
+        image_ras = ras_voxels(image)
+        mask_ras = ras_voxels(mask) if mask is not None else None
         t2 = time.perf_counter()
         volumes.append(preprocess_volume(image_ras, mask_ras, settings))
         has_mask.append(mask is not None)
@@ -228,6 +228,14 @@ def plain_ray_tasks(rows, settings, parts: int) -> int:
         return int((preprocess_batch(part, settings)["error"] == "").sum())
 
     return sum(ray.get([work.remote(rows.iloc[i::parts]) for i in range(parts)]))
+
+
+def _one_torch_thread() -> None:
+    """Pool processes run torch on one thread, as Ray workers do (``OMP_NUM_THREADS=1``): two
+    processes at torch's default of 2 threads each oversubscribe the 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _preprocess_part(part, settings) -> int:
@@ -367,7 +375,7 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
     seconds, around, count = bench.measure(lambda: plain_ray_tasks(rows, settings, cpus))
     assert count == n_good
     out["plain_ray_tasks"] = ratio_row(seconds, around, tasks=cpus)
-    with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn"), initializer=_one_torch_thread) as pool:
         process_pool(rows.iloc[: 2 * cpus], settings, pool)  # start the processes, pay their imports
         seconds, around, count = bench.measure(lambda: process_pool(rows, settings, pool))
     assert count == n_good
@@ -436,6 +444,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another job's cluster
     # The loop's imports, before any timing (a Ray worker pays them in the cold call).
+    import isal.igzip  # noqa: F401
     import nibabel  # noqa: F401
     import pyarrow.parquet  # noqa: F401
     import torch  # noqa: F401

@@ -22,7 +22,7 @@ import pandas as pd
 
 from raytumor.data.manifest import read_manifest, resolve_path
 from raytumor.data.validate import CaseCheckError, CaseProblem, check_case, table_problems, write_quarantine
-from raytumor.data.volumes import reorient_to_ras
+from raytumor.data.volumes import ras_voxels
 from raytumor.errors import DatasetError
 from raytumor.storage import atomic_path, atomic_write_text
 
@@ -87,28 +87,33 @@ def normalise_intensity(image: np.ndarray, lower: float, upper: float) -> np.nda
     return out.astype(np.float32)
 
 
-def resize_volume(volume: np.ndarray, shape: tuple[int, int, int], mode: str) -> np.ndarray:
-    """``(X, Y, Z)`` -> ``shape`` with ``torch.nn.functional.interpolate``, as MONAI's
-    ``Resize(shape, mode, anti_aliasing=False)`` computes it (tested equal).
+def resize_volume(volume, shape: tuple[int, int, int], mode: str) -> np.ndarray:
+    """``(X, Y, Z)`` array or tensor -> ``shape`` with ``torch.nn.functional.interpolate``, as
+    MONAI's ``Resize(shape, mode, anti_aliasing=False)`` computes it (tested equal).
 
     Called directly because ``import monai`` costs every fresh Ray Data worker ~2 s, more than
-    preprocessing a few hundred small cases takes (docs/benchmarks.md, figure 3).
+    preprocessing a few hundred small cases takes (docs/benchmarks.md, figure 3). A tensor is
+    read in whatever strides it has (see :func:`raytumor.data.volumes.ras_voxels`).
     """
     import torch
     import torch.nn.functional as F
 
-    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    if not isinstance(volume, torch.Tensor):
+        volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     align = False if mode in ("linear", "bilinear", "trilinear", "bicubic") else None
-    return F.interpolate(tensor, size=tuple(shape), mode=mode, align_corners=align)[0, 0].numpy()
+    resized = F.interpolate(volume.float()[None, None], size=tuple(shape), mode=mode, align_corners=align)
+    return np.ascontiguousarray(resized[0, 0].numpy())
 
 
-def preprocess_volume(image: np.ndarray, mask: np.ndarray | None, settings: PrepareSettings) -> np.ndarray:
-    """``image``/``mask`` ``(X, Y, Z)`` in RAS order -> ``(2, *settings.shape)`` float32."""
+def preprocess_volume(image, mask, settings: PrepareSettings) -> np.ndarray:
+    """``image``/``mask`` ``(X, Y, Z)`` in RAS order (arrays, or tensors from
+    :func:`raytumor.data.volumes.ras_voxels`; mask may be None) -> ``(2, *settings.shape)`` float32."""
     out = np.zeros((2, *settings.shape), dtype=np.float32)
     image_r = resize_volume(image, settings.shape, "trilinear")
     out[0] = normalise_intensity(image_r, settings.lower_percentile, settings.upper_percentile)
     if mask is not None:
-        mask_r = resize_volume((mask > 0).astype(np.float32), settings.shape, "nearest-exact")
+        binary = (mask > 0).float() if not isinstance(mask, np.ndarray) else (mask > 0).astype(np.float32)
+        mask_r = resize_volume(binary, settings.shape, "nearest-exact")
         out[1] = (mask_r > 0.5).astype(np.float32)
     return out
 
@@ -122,8 +127,8 @@ def preprocess_batch(batch: pd.DataFrame, settings: PrepareSettings) -> dict[str
     for row in batch.itertuples(index=False):
         try:
             image, mask = check_case(row.image, row.mask, allow_2d=settings.allow_2d)
-            mask_data = reorient_to_ras(mask) if mask is not None else None
-            volumes.append(preprocess_volume(reorient_to_ras(image), mask_data, settings))
+            mask_data = ras_voxels(mask) if mask is not None else None
+            volumes.append(preprocess_volume(ras_voxels(image), mask_data, settings))
             errors.append("")
             files.append("")
             has_mask.append(mask is not None)

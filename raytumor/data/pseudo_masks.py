@@ -36,7 +36,7 @@ import pandas as pd
 from raytumor.data.manifest import read_manifest, resolve_path, write_manifest
 from raytumor.data.preprocess import PrepareSettings, preprocess_volume
 from raytumor.data.validate import CaseCheckError, CaseProblem, check_case
-from raytumor.data.volumes import Volume, reorient_to_ras
+from raytumor.data.volumes import Volume, ras_voxels, reorient_to_ras
 from raytumor.errors import DatasetError, RaytumorError
 from raytumor.storage import atomic_path, atomic_write_bytes, atomic_write_text
 
@@ -124,7 +124,7 @@ def load_segmentation_pairs(
                                      allow_2d=settings.allow_2d)
         except CaseCheckError as exc:
             return None, CaseProblem(row.case_id, exc.file, exc.reason)
-        return preprocess_volume(reorient_to_ras(image), reorient_to_ras(mask), settings), None
+        return preprocess_volume(ras_voxels(image), ras_voxels(mask), settings), None
 
     images, masks, problems = [], [], []
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

@@ -45,7 +45,7 @@ def read_volume(path: str, *, allow_2d: bool = False) -> Volume:
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise VolumeError("not NIfTI (expected a .nii or .nii.gz file)")
     try:
-        image = nib.load(path)
+        image = load_nifti(path)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
         detail = str(exc).replace(path, os.path.basename(path))  # the reason never carries the path
         raise VolumeError(f"not NIfTI or unreadable header ({type(exc).__name__}: {detail})") from None
@@ -70,6 +70,31 @@ def read_volume(path: str, *, allow_2d: bool = False) -> Volume:
     affine = np.asarray(image.affine, dtype=np.float64)
     check_affine(affine)
     return Volume(data=data, affine=affine)
+
+
+def load_nifti(path: str):
+    """``nib.load``, except that a local ``.nii.gz`` is decompressed with ISA-L (``isal``).
+
+    Decompression is most of the time it takes to read a volume (5 of 8 ms at 128x128x32), and
+    with ISA-L instead of the zlib behind nibabel's gzip reader a volume reads ~1.8x faster
+    (docs/benchmarks.md, figure 3). Any file that
+    this fast path cannot read whole (a truncated or corrupt stream, an odd header) goes to
+    ``nib.load``, so broken files get nibabel's own errors, as before.
+    """
+    if "://" in path or not path.lower().endswith(".gz"):
+        return nib.load(path)
+    try:
+        from isal import igzip
+
+        with open(path, "rb") as handle:
+            raw = igzip.decompress(handle.read())
+        header_size = int.from_bytes(raw[:4], "little")
+        if header_size not in (348, 540):
+            header_size = int.from_bytes(raw[:4], "big")
+        image_class = {348: nib.Nifti1Image, 540: nib.Nifti2Image}[header_size]
+        return image_class.from_bytes(raw)
+    except Exception:  # noqa: BLE001 - the slow path reports what is wrong
+        return nib.load(path)
 
 
 def check_affine(affine: np.ndarray) -> None:
@@ -105,3 +130,28 @@ def reorient_to_ras(volume: Volume) -> np.ndarray:
     """Voxel data permuted/flipped so that axes point Right, Anterior, Superior."""
     ornt = nib.orientations.io_orientation(volume.affine)
     return np.ascontiguousarray(nib.orientations.apply_orientation(volume.data, ornt))
+
+
+def ras_voxels(volume: Volume):
+    """:func:`reorient_to_ras` as a ``torch.Tensor`` (same values, same axis order) that keeps
+    the voxels in their stored memory order.
+
+    nibabel returns voxels in the file's Fortran order, and making them C-contiguous transposes
+    every voxel: 41 % of preprocessing time at 256x256x48 (docs/benchmarks.md, figure 3).
+    Here the axes are permuted as a view, and a flip copies in memory order, which is cheap.
+    ``torch.nn.functional.interpolate`` reads any strides, so resizing needs no copy either.
+    """
+    import warnings
+
+    import torch
+
+    ornt = nib.orientations.io_orientation(volume.affine)
+    with warnings.catch_warnings():
+        # A read-only array (a memory-mapped .nii) is only read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(volume.data)
+    # As nibabel's apply_orientation: flip the input axes marked -1, then reverse the transpose.
+    flips = [axis for axis, flip in enumerate(ornt[:, 1]) if flip == -1]
+    if flips:
+        tensor = tensor.flip(flips)
+    return tensor.permute(*np.argsort(ornt[:, 0]).tolist())

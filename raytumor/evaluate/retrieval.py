@@ -10,7 +10,7 @@ dataset once with the run's best model and saves, next to the run::
 The directory is written to a temporary sibling and renamed into place. An index whose
 ``best_model.pt`` or config changed since it was built is stale and is not used.
 
-A query scan goes through the training preprocessing: ``read_volume`` -> ``reorient_to_ras``
+A query scan goes through the training preprocessing: ``read_volume`` -> ``ras_voxels``
 -> ``preprocess_volume`` at the run's ``data.shape`` (a missing mask is an all-zero channel),
 then ``model.embed``; neighbours are ranked by Euclidean distance as in evaluation.
 """
@@ -183,7 +183,7 @@ def preprocess_scan(image: str | os.PathLike, mask: str | os.PathLike | None, sh
     """
     from raytumor.data.preprocess import PrepareSettings, preprocess_volume
     from raytumor.data.validate import CaseCheckError, check_case
-    from raytumor.data.volumes import reorient_to_ras
+    from raytumor.data.volumes import ras_voxels
 
     settings = PrepareSettings(shape=tuple(shape))
     try:
@@ -191,8 +191,8 @@ def preprocess_scan(image: str | os.PathLike, mask: str | os.PathLike | None, sh
     except CaseCheckError as exc:
         reason = " ".join(exc.reason.split())
         raise RaytumorError(f"{exc.file}: {reason}") from None
-    mask_data = reorient_to_ras(mask_volume) if mask_volume is not None else None
-    return preprocess_volume(reorient_to_ras(volume), mask_data, settings)
+    mask_data = ras_voxels(mask_volume) if mask_volume is not None else None
+    return preprocess_volume(ras_voxels(volume), mask_data, settings)
 
 
 def is_nifti(path: Path) -> bool:

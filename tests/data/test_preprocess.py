@@ -63,6 +63,33 @@ def test_resize_volume_equals_monai_resize(source_shape):
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("memory_order", ["F", "C"])  # nibabel hands back the file's (Fortran) order
+def test_ras_voxels_preprocess_exactly_as_reorient_to_ras(memory_order):
+    """The copy-free RAS view gives bit-identical prepared volumes for all 48 axis-aligned
+    orientations, for shrinking, same-size and growing resizes."""
+    import itertools
+
+    from raytumor.data.volumes import Volume, ras_voxels, reorient_to_ras
+
+    rng = np.random.default_rng(1)
+    shape = (13, 9, 5)
+    image = np.asarray(rng.random(shape, dtype=np.float32) * 100, order=memory_order)
+    mask = np.asarray((rng.random(shape) > 0.7).astype(np.float32), order=memory_order)
+    for axes in itertools.permutations(range(3)):
+        for signs in itertools.product([1.0, -1.0], repeat=3):
+            affine = np.eye(4)
+            affine[:3, :3] = 0.0
+            for voxel_axis, (world_axis, sign) in enumerate(zip(axes, signs)):
+                affine[world_axis, voxel_axis] = sign * (1.0 + voxel_axis)
+            image_volume, mask_volume = Volume(image, affine), Volume(mask, affine)
+            np.testing.assert_array_equal(ras_voxels(image_volume).numpy(), reorient_to_ras(image_volume))
+            for out_shape in [(6, 4, 3), shape, (20, 11, 9)]:
+                settings = PrepareSettings(shape=out_shape)
+                expected = preprocess_volume(reorient_to_ras(image_volume), reorient_to_ras(mask_volume), settings)
+                got = preprocess_volume(ras_voxels(image_volume), ras_voxels(mask_volume), settings)
+                np.testing.assert_array_equal(got, expected, err_msg=f"axes {axes}, signs {signs}, to {out_shape}")
+
+
 def test_prepare_writes_one_shard_per_batch_and_no_temp_files(ray_local, tmp_path):
     dataset = make_dataset(tmp_path / "ds", n_per_class=(5, 5), unlabelled=2)
     prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE), batch_size=4)

@@ -1,0 +1,70 @@
+"""Reading volumes: the ISA-L fast path for .nii.gz reads exactly what nibabel reads."""
+
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from raytumor.data.volumes import VolumeError, load_nifti, read_volume
+
+
+@pytest.fixture
+def nib_load_calls(monkeypatch) -> list[str]:
+    """The paths ``nib.load`` is called with (it still loads them)."""
+    calls: list[str] = []
+    real_load = nib.load
+    monkeypatch.setattr(nib, "load", lambda path: calls.append(path) or real_load(path))
+    return calls
+
+
+def _affine() -> np.ndarray:
+    affine = np.diag([-1.5, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    return affine
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_fast_gzip_path_reads_what_nibabel_reads(tmp_path, nib_load_calls, image_class, dtype):
+    pytest.importorskip("isal")
+    data = (np.random.default_rng(0).random((11, 7, 5)) * 300).astype(dtype)
+    path = str(tmp_path / "scan.nii.gz")
+    image = image_class(data, _affine())
+    image.header.set_slope_inter(0.5, 3.0)  # scaled voxels, as many scanners write them
+    nib.save(image, path)
+
+    fast = load_nifti(path)
+    assert nib_load_calls == []  # read by ISA-L, not by nibabel's gzip reader
+    slow = nib.load(path)
+    assert type(fast) is type(slow) is image_class
+    fast_data = np.asarray(fast.dataobj, dtype=np.float32)
+    np.testing.assert_array_equal(fast_data, np.asarray(slow.dataobj, dtype=np.float32))
+    assert fast_data.strides == np.asarray(slow.dataobj, dtype=np.float32).strides  # the same (Fortran) order
+    np.testing.assert_array_equal(fast.affine, slow.affine)
+    np.testing.assert_array_equal(read_volume(path).data, np.asarray(slow.dataobj, dtype=np.float32))
+    assert nib_load_calls == [path]  # only the reference load above
+
+
+@pytest.mark.parametrize("name, isal_installed", [("plain.nii", True), ("scan.nii.gz", False)])
+def test_uncompressed_files_and_missing_isal_read_through_nibabel(tmp_path, monkeypatch, nib_load_calls, name,
+                                                                  isal_installed):
+    if not isal_installed:
+        monkeypatch.setitem(sys.modules, "isal", None)  # `from isal import igzip` now raises ImportError
+    data = np.arange(60, dtype=np.float32).reshape(5, 4, 3)
+    path = str(tmp_path / name)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    np.testing.assert_array_equal(read_volume(path).data, data)
+    assert nib_load_calls == [path]
+
+
+def test_a_cut_gzip_stream_gets_nibabels_error(tmp_path, nib_load_calls):
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((16, 16, 8)).astype(np.float32), np.eye(4)), str(good))
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(VolumeError, match="truncated or unreadable voxel data"):
+        read_volume(str(cut))
+    assert nib_load_calls == [str(cut)]  # the fast path gave up; nibabel reported what is wrong
