@@ -74,14 +74,20 @@ WORKER_IMPORTS_WITH_MONAI = WORKER_IMPORTS + ", monai.transforms"
 # --- set-up ---------------------------------------------------------------------------------
 
 
-def make_data(workdir: Path, scale: float, raw_shape, cases: int | None, seed: int) -> tuple[Path, dict]:
-    """A demo dataset; with ``cases``, its manifest cut to that many rows spread over it."""
+def make_data(out_dir: Path, scale: float, raw_shape, cases: int | None, seed: int) -> tuple[Path, dict]:
+    """A demo dataset in ``out_dir``; with ``cases``, its manifest cut to that many rows spread
+    over it. A dataset already there (``--data``) is used as it is."""
+    import nibabel as nib
     import numpy as np
 
     from raytumor.data.demo import make_demo_dataset
-    from raytumor.data.manifest import read_manifest, write_manifest
+    from raytumor.data.manifest import MANIFEST_FILE, read_manifest, resolve_path, write_manifest
 
-    summary = make_demo_dataset(workdir / "demo", scale=scale, seed=seed, unlabelled=0, shape=raw_shape)
+    if (out_dir / MANIFEST_FILE).is_file():
+        manifest = read_manifest(out_dir)
+        raw_shape = nib.load(resolve_path(out_dir, manifest["image"].iloc[0])).shape
+        return out_dir, {"cases": len(manifest), "raw_shape": list(raw_shape), "generate_s": None, "reused": True}
+    summary = make_demo_dataset(out_dir, scale=scale, seed=seed, unlabelled=0, shape=raw_shape)
     manifest = read_manifest(summary.out_dir)
     if cases is not None and cases < len(manifest):
         keep = np.unique(np.linspace(0, len(manifest) - 1, cases).round().astype(int))
@@ -270,8 +276,11 @@ def run(args, size: dict, workdir: Path) -> dict:
     from raytumor.runtime import EMBEDDED_RUNTIME_ENV
 
     settings = PrepareSettings(shape=tuple(args.shape))
+    if args.loop_threads:
+        torch.set_num_threads(args.loop_threads)
     print("writing the demo dataset ...", flush=True)
-    dataset, data_facts = make_data(workdir, size["scale"], size["raw_shape"], size["cases"], args.seed)
+    dataset, data_facts = make_data(args.data or workdir / "demo", size["scale"], size["raw_shape"], size["cases"],
+                                    args.seed)
     results = {"machine": machine(torch_threads_loop=torch.get_num_threads()), "dataset": data_facts,
                "settings": {**size, "shape": list(settings.shape), "seed": args.seed, "smoke": args.smoke}}
 
@@ -435,6 +444,10 @@ def main() -> None:
     parser.add_argument("--skip-variants", action="store_true", help="leave out the where-the-time-goes part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the temp dataset goes (default: system temp dir)")
+    parser.add_argument("--data", type=Path, help="use the demo dataset in this directory, or write it there and "
+                        "keep it (a 256x256x48 one takes ~10 min to write)")
+    parser.add_argument("--loop-threads", type=int, help="torch threads for the loop (default: torch's default; "
+                        "Ray workers run at 1)")
     args = parser.parse_args()
     size = dict(SIZES["smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("scale", args.scale), ("cases", args.cases), ("rounds", args.rounds),
