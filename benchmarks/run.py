@@ -28,6 +28,7 @@ REPO_ROOT = BENCH_DIR.parent
 SCRIPTS = {
     "knn": ("knn.py", ["--n-ref", "500", "--n-query", "100", "--repeats", "1"]),
     "preprocess": ("preprocess.py", ["--smoke"]),
+    "read_volume": ("read_volume.py", ["--smoke"]),
     "scaling": ("scaling.py", ["--smoke"]),
     "train_throughput": ("train_throughput.py", ["--smoke"]),
     "sweep_efficiency": ("sweep_efficiency.py", ["--smoke"]),
@@ -126,6 +127,14 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
                 row("3", f"ceiling / before: {label}", f"{variants[key]['loop_over_this']:.2f}x", "report")
     else:
         row("3", "preprocessing speed-up and cache hit", "not measured (preprocess failed or skipped)")
+    rv = load(json_dir, "read_volume", names_run)
+    if rv:
+        ms = rv["ms_per_case"]
+        row("3", f"per case, {'x'.join(map(str, rv['dataset']['raw_shape']))}: read, ISA-L vs zlib",
+            f"{ms['read_isal']:.2f} vs {ms['read_zlib']:.2f} ms ({rv['read_speedup']:.2f}x)", "report")
+        row("3", "per case: reorient + resize + normalise, view vs copy",
+            f"{ms['prepare_view']:.2f} vs {ms['prepare_copy']:.2f} ms ({rv['reorient_resize_speedup']:.2f}x); "
+            f"identical output", "report")
 
     if sc:
         wait = max(r["data_wait_fraction"] for r in sc["runs"])

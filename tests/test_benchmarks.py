@@ -76,6 +76,18 @@ def test_scaling_smoke(tmp_path):
     assert results["first_batch"]["first_batch_proxy_s"] > 0 and results["first_batch"]["train_rows"] > 0
 
 
+def test_read_volume_smoke(tmp_path):
+    out = tmp_path / "read.json"
+    # 135 tiny demo cases, one round; ~10 s. The script itself asserts both paths give identical arrays.
+    proc = run_script("benchmarks/read_volume.py", "--smoke", "--json", str(out), timeout=180)
+    assert "outputs identical on every case" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["cases"] == 135 and results["identical_output"]
+    ms = results["ms_per_case"]
+    assert set(ms) == {"read_zlib", "read_isal", "prepare_copy", "prepare_view"} and min(ms.values()) > 0
+    assert results["read_speedup"] == round(ms["read_zlib"] / ms["read_isal"], 2)
+
+
 def test_gpu_throughput_smoke_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     # CPU smoke: tiny shape, every precision mode; ~5 s. The figure itself needs a GPU.

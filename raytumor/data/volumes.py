@@ -76,7 +76,7 @@ def load_nifti(path: str):
     """``nib.load``, except that a local ``.nii.gz`` is decompressed with ISA-L (``isal``).
 
     Decompression is most of the time it takes to read a volume (5 of 8 ms at 128x128x32), and
-    with ISA-L instead of the zlib behind nibabel's gzip reader a volume reads ~1.8x faster
+    with ISA-L instead of the zlib behind nibabel's gzip reader a volume reads 1.7-2.4x faster
     (docs/benchmarks.md, figure 3). Any file that
     this fast path cannot read whole (a truncated or corrupt stream, an odd header) goes to
     ``nib.load``, so broken files get nibabel's own errors, as before.
