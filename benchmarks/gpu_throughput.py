@@ -227,13 +227,12 @@ def main() -> None:
             print(f"{mode}, batch {batch} ...", flush=True)
             results["runs"].append(measure(mode, device, tuple(args.shape), args.width, batch, args.warmup,
                                            args.min_seconds, train_flops, args.peak_tflops, args.seed))
-    results["speedup_vs_fp32"] = {
-        str(batch): {r["mode"]: round(r["samples_per_s"] / base["samples_per_s"], 3)
-                     for r in results["runs"] if r["batch"] == batch and r["mode"] != "fp32"}
-        for batch in args.batches
-        for base in [next((r for r in results["runs"] if r["batch"] == batch and r["mode"] == "fp32"), None)]
-        if base is not None
-    }
+    results["speedup_vs_fp32"] = {}
+    for batch in args.batches:
+        same_batch = {r["mode"]: r["samples_per_s"] for r in results["runs"] if r["batch"] == batch}
+        if "fp32" in same_batch:
+            results["speedup_vs_fp32"][str(batch)] = {
+                mode: round(rate / same_batch["fp32"], 3) for mode, rate in same_batch.items() if mode != "fp32"}
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -30,18 +30,11 @@ SIZES = {"default": dict(scale=0.0001, raw_shape=(128, 128, 32), rounds=5),
          "smoke": dict(scale=0.0001, raw_shape=(32, 32, 8), rounds=1)}
 
 
-def cases(dataset: Path) -> list[tuple[str, str | None]]:
-    from raytumor.data.manifest import read_manifest, resolve_path
-
-    manifest = read_manifest(dataset)
-    return [(resolve_path(dataset, r.image), resolve_path(dataset, r.mask)) for r in manifest.itertuples(index=False)]
-
-
-def per_case_ms(fn, files) -> float:
+def per_case_ms(fn, items) -> float:
     started = time.perf_counter()
-    for image, mask in files:
-        fn(image, mask)
-    return 1000 * (time.perf_counter() - started) / len(files)
+    for item in items:
+        fn(*item)
+    return 1000 * (time.perf_counter() - started) / len(items)
 
 
 def run(dataset: Path, rounds: int, shape) -> dict:
@@ -49,41 +42,39 @@ def run(dataset: Path, rounds: int, shape) -> dict:
     import numpy as np
     import torch
 
+    from preprocess import manifest_rows
     from raytumor.data.preprocess import PrepareSettings, preprocess_volume
     from raytumor.data.validate import check_case
     from raytumor.data.volumes import load_nifti, ras_voxels, reorient_to_ras
 
     torch.set_num_threads(1)
-    files = cases(dataset)
+    rows = manifest_rows(dataset)
+    files = list(zip(rows["image"], rows["mask"]))
+    volumes = [check_case(image, mask) for image, mask in files]
     settings = PrepareSettings(shape=tuple(shape))
 
     def read_with(loader):
-        def read(image, mask):
-            out = [np.asarray(loader(image).dataobj, dtype=np.float32)]
-            if mask is not None:
-                out.append(np.asarray(loader(mask).dataobj, dtype=np.float32))
-            return out
+        def read(*paths):
+            return [np.asarray(loader(path).dataobj, dtype=np.float32) for path in paths if path is not None]
         return read
 
-    volumes = [check_case(image, mask) for image, mask in files]
-
     def prepare_with(orient):
-        return lambda i, _: preprocess_volume(orient(volumes[i][0]),
-                                              orient(volumes[i][1]) if volumes[i][1] is not None else None, settings)
+        def prepare(image, mask):
+            return preprocess_volume(orient(image), orient(mask) if mask is not None else None, settings)
+        return prepare
 
     read_old, read_new = read_with(nib.load), read_with(load_nifti)
     prep_old, prep_new = prepare_with(reorient_to_ras), prepare_with(ras_voxels)
-    for i, (image, mask) in enumerate(files):
-        assert all(np.array_equal(a, b) for a, b in zip(read_old(image, mask), read_new(image, mask))), image
-        assert np.array_equal(prep_old(i, None), prep_new(i, None)), image
+    for paths, case in zip(files, volumes):
+        assert all(np.array_equal(a, b) for a, b in zip(read_old(*paths), read_new(*paths))), paths[0]
+        assert np.array_equal(prep_old(*case), prep_new(*case)), paths[0]
 
-    indexed = [(i, None) for i in range(len(files))]
     timings = {"read_zlib": [], "read_isal": [], "prepare_copy": [], "prepare_view": []}
     for _ in range(rounds):
         timings["read_zlib"].append(per_case_ms(read_old, files))
         timings["read_isal"].append(per_case_ms(read_new, files))
-        timings["prepare_copy"].append(per_case_ms(prep_old, indexed))
-        timings["prepare_view"].append(per_case_ms(prep_new, indexed))
+        timings["prepare_copy"].append(per_case_ms(prep_old, volumes))
+        timings["prepare_view"].append(per_case_ms(prep_new, volumes))
     ms = {k: round(statistics.median(v), 3) for k, v in timings.items()}
     return {
         "cases": len(files),

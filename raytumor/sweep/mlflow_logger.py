@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from raytumor.sweep.run import sampled_params
-from raytumor.train.tracking import MLflowTarget, require_mlflow
+from raytumor.train.tracking import MLflowTarget, mlflow_experiment_id, require_mlflow
 
 
 class SweepMLflowLogger(MLflowLoggerCallback):
@@ -27,6 +27,8 @@ class SweepMLflowLogger(MLflowLoggerCallback):
 
 
 def sweep_mlflow_logger(target: MLflowTarget) -> SweepMLflowLogger:
-    require_mlflow()
+    mlflow = require_mlflow()
+    # Created here, so that its artifact location is raytumor's (Ray's logger reuses it).
+    mlflow_experiment_id(mlflow.MlflowClient(tracking_uri=target.tracking_uri), target)
     return SweepMLflowLogger(tracking_uri=target.tracking_uri, experiment_name=target.experiment,
                              tags={"raytumor": "sweep"})

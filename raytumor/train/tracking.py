@@ -116,6 +116,19 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def mlflow_experiment_id(client, target: MLflowTarget) -> str:
+    """The id of ``target.experiment``, created if new. In a local SQLite store its artifacts
+    go to ``mlruns/`` beside the database file; MLflow's default would be ``./mlruns`` in
+    whatever directory the creating process happens to run in."""
+    experiment = client.get_experiment_by_name(target.experiment)
+    if experiment:
+        return experiment.experiment_id
+    location = None
+    if target.tracking_uri.startswith("sqlite:///"):
+        location = (Path(target.tracking_uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+    return client.create_experiment(target.experiment, artifact_location=location)
+
+
 def start_mlflow_run(target: MLflowTarget, run_name: str, params: dict, tags: dict) -> str:
     """Create an MLflow run with ``params`` (flattened) and ``tags``; its id."""
     mlflow = require_mlflow()
@@ -123,9 +136,7 @@ def start_mlflow_run(target: MLflowTarget, run_name: str, params: dict, tags: di
 
     try:
         client = mlflow.MlflowClient(tracking_uri=target.tracking_uri)
-        experiment = client.get_experiment_by_name(target.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(target.experiment)
-        run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+        run = client.create_run(mlflow_experiment_id(client, target), run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
     except Exception as exc:  # noqa: BLE001 - an unreachable or broken store, in MLflow's words
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

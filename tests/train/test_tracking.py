@@ -60,6 +60,23 @@ def test_mlflow_target_makes_local_stores_absolute(tmp_path, monkeypatch):
     assert mlflow_target(None, "e").tracking_uri == "http://from-env:5000"
 
 
+def test_local_store_keeps_artifacts_beside_its_database(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from raytumor.train.tracking import end_mlflow_run, start_mlflow_run
+
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    target = MLflowTarget(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "e")
+    (tmp_path / "store").mkdir()
+    summary = tmp_path / "summary.json"
+    summary.write_text("{}")
+    run_id = start_mlflow_run(target, "r", {"seed": 0}, {})
+    end_mlflow_run(target, run_id, failed=False, artifacts=[summary])
+    assert list((tmp_path / "store" / "mlruns").rglob("summary.json"))
+    assert not (workdir / "mlruns").exists()
+
+
 def test_tensorboard_callback_writes_scalars_per_epoch(tmp_path):
     callback = TensorBoardCallback(tmp_path / "tb", "train")
     for epoch, loss in ((1, 0.9), (2, 0.4)):
