@@ -211,3 +211,40 @@ def test_invalid_inputs():
         knn_scores(np.zeros((4, 3)), np.zeros(3, dtype=int), np.zeros((2, 3)), np.zeros(2, dtype=int))
     with pytest.raises(ValueError, match="query"):
         knn_scores(np.zeros((4, 3)), np.zeros(4, dtype=int), np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+@pytest.mark.parametrize("n_ref", [129, 640, 2003])
+@pytest.mark.parametrize("grid", [False, True], ids=["continuous", "grid_ties"])
+def test_wide_reference_sets_match_a_stable_sort(n_ref, grid):
+    # Past _DIRECT_TOPK_WIDTH references the top-k searches strided groups (with padding
+    # when n_ref is not a multiple of the group, and recursing at 2003); the result must be
+    # exactly a stable sort of the distances, ties included.
+    rng = np.random.default_rng(n_ref)
+    if grid:
+        ref, query = rng.integers(0, 5, (n_ref, 2)).astype(np.float64), rng.integers(0, 5, (50, 2)).astype(np.float64)
+    else:
+        ref, query = rng.normal(size=(n_ref, 4)), rng.normal(size=(50, 4))
+    dist, idx = nearest_neighbors(ref, query, 10)
+    expected = np.stack([manual_neighbors(ref, point, 10) for point in query])
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_allclose(dist, np.sqrt(((ref[expected] - query[:, None]) ** 2).sum(-1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [129, 1000, 4999])
+@pytest.mark.parametrize("m", [1, 8, 11])
+def test_grouped_topk_equals_topk(width, m):
+    rows = torch.from_numpy(np.random.default_rng(width + m).normal(size=(40, width)).astype(np.float32))
+    values, columns = metrics._smallest(rows, m)
+    expected_values, expected_columns = rows.topk(m, dim=1, largest=False, sorted=True)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    np.testing.assert_array_equal(columns.numpy(), expected_columns.numpy())
+
+
+def test_non_finite_embeddings_are_rejected():
+    ref, ref_labels, query, query_labels = random_split(2)
+    ref[3, 1] = np.nan
+    with pytest.raises(ValueError, match="reference embeddings contain NaN"):
+        knn_scores(ref, ref_labels, query, query_labels)
+    query[0, 0] = np.inf
+    with pytest.raises(ValueError, match="query embeddings contain NaN"):
+        nearest_neighbors(ref[:3], query, 2)
