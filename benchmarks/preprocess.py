@@ -123,7 +123,7 @@ def loop_prepare(dataset: Path, settings, out_file: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytumor.data.preprocess import preprocess_volume
+    from raytumor.data.preprocess import SHARD_PARQUET_OPTIONS, preprocess_volume
     from raytumor.data.validate import CaseCheckError, check_case
     from raytumor.data.volumes import ras_voxels
 
@@ -163,7 +163,7 @@ def loop_prepare(dataset: Path, settings, out_file: Path) -> dict:
         "augmented": pa.array(np.zeros(len(kept), dtype=bool)),
         "volume": pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([v for v in volumes if v is not None])),
     })
-    pq.write_table(table, out_file)
+    pq.write_table(table, out_file, **SHARD_PARQUET_OPTIONS)
     split["write_s"] = time.perf_counter() - t0
     return {"total_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started, **split,
             "cases": len(rows), "quarantined": quarantined}

@@ -17,7 +17,7 @@ from typing import Iterable
 import numpy as np
 
 from raytumor.data.augment import AugmentConfig, augment_case
-from raytumor.data.preprocess import META_FILE, SHARDS_DIR, PreparedDataset
+from raytumor.data.preprocess import META_FILE, SHARD_PARQUET_OPTIONS, SHARDS_DIR, PreparedDataset
 from raytumor.storage import atomic_path, atomic_write_text
 
 
@@ -88,7 +88,7 @@ def augment_rare_cases(
                 augment_rows_batch, fn_kwargs={"n": n, "seed": seed, "config": config},
                 batch_size=batch_size, batch_format="numpy",
             )
-            augmented.write_parquet(str(tmp / SHARDS_DIR))
+            augmented.write_parquet(str(tmp / SHARDS_DIR), **SHARD_PARQUET_OPTIONS)
         else:
             (tmp / SHARDS_DIR).mkdir()
         meta = {"n": n, "seed": seed, "config": asdict(config), "rare_classes": rare, "n_source_cases": n_source,

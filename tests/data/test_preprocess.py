@@ -98,6 +98,20 @@ def test_prepare_writes_one_shard_per_batch_and_no_temp_files(ray_local, tmp_pat
     assert len(files) >= 12 // 4
     ids = pd.concat(pd.read_parquet(prepared.shards / name, columns=["case_id"]) for name in files)["case_id"]
     assert sorted(ids) == sorted(read_manifest(dataset)["case_id"]) and not ids.duplicated().any()
+    assert volume_encodings(prepared.shards) == {"PLAIN"}  # no dictionary of voxel values (slow to write)
+
+
+def volume_encodings(shards) -> set[str]:
+    """The Parquet data encodings of the voxel column over every shard (repetition levels aside)."""
+    import pyarrow.parquet as pq
+
+    encodings = set()
+    for path in shards.glob("*.parquet"):
+        metadata = pq.ParquetFile(path).metadata
+        for group in range(metadata.num_row_groups):
+            columns = (metadata.row_group(group).column(i) for i in range(metadata.num_columns))
+            encodings |= {e for c in columns if c.path_in_schema.startswith("volume") for e in c.encodings}
+    return encodings - {"RLE"}
 
 
 def test_prepare_writes_fixed_shape_rows_and_hits_cache(ray_local, tmp_path):

@@ -10,6 +10,7 @@ from raytumor.data.manifest import read_manifest
 from raytumor.data.preprocess import PrepareSettings, prepare_dataset
 from raytumor.data.rare_cases import augment_rare_cases
 from tests.conftest import make_dataset
+from tests.data.test_preprocess import volume_encodings
 
 pytestmark = pytest.mark.ray
 
@@ -24,6 +25,7 @@ def test_augmented_rows_come_from_rare_training_cases_only(ray_local, tmp_path):
     assert rows.n_source_cases == len(expected_sources) and rows.n_rows == 3 * len(expected_sources)
 
     augmented = ray_local.data.read_parquet(str(rows.shards)).to_pandas()
+    assert volume_encodings(rows.shards) == {"PLAIN"}
     assert len(augmented) == rows.n_rows and augmented["augmented"].all()
     assert set(augmented["split"]) == {"train"} and set(augmented["label"]) <= set(rare)
     sources = {case.split("#aug")[0] for case in augmented["case_id"]}

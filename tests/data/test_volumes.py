@@ -68,3 +68,37 @@ def test_a_cut_gzip_stream_gets_nibabels_error(tmp_path, nib_load_calls):
     with pytest.raises(VolumeError, match="truncated or unreadable voxel data"):
         read_volume(str(cut))
     assert nib_load_calls == [str(cut)]  # the fast path gave up; nibabel reported what is wrong
+
+
+_PAGE_FAULTS_PER_READ = """
+import resource, sys
+from raytumor.data import volumes
+if sys.argv[2] == "default-allocator":
+    volumes.reuse_freed_memory = lambda: False
+for _ in range(3):
+    volumes.read_volume(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    volumes.read_volume(sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="the allocator settings are glibc's")
+def test_reading_volumes_reuses_freed_buffers(tmp_path):
+    # A 2 MiB volume: with glibc's defaults every read maps fresh pages for its buffers and
+    # faults on each of them; with reuse_freed_memory the next read reuses the freed ones.
+    import subprocess
+
+    path = str(tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((128, 128, 32), dtype=np.float32), np.eye(4)), path)
+
+    def faults_per_read(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_PER_READ, path, mode], capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    tuned, default = faults_per_read("tuned"), faults_per_read("default-allocator")
+    assert default > 500  # at least one fresh 2 MiB buffer per read
+    assert tuned < 50, (tuned, default)
