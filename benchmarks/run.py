@@ -135,6 +135,12 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
         row("3", "per case: reorient + resize + normalise, view vs copy",
             f"{ms['prepare_view']:.2f} vs {ms['prepare_copy']:.2f} ms ({rv['reorient_resize_speedup']:.2f}x); "
             f"identical output", "report")
+        alloc = rv.get("allocator")
+        if alloc:
+            row("3", "per case: reuse_freed_memory vs glibc defaults (alone / two processes at once)",
+                f"{alloc['speedup_alone']:.2f}x / {alloc['speedup_two_at_once']:.2f}x; two-process scaling "
+                f"{alloc['two_process_scaling']['glibc-default']:.2f}x -> "
+                f"{alloc['two_process_scaling']['reuse_freed_memory']:.2f}x", "report")
 
     if sc:
         wait = max(r["data_wait_fraction"] for r in sc["runs"])

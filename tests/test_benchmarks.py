@@ -77,8 +77,8 @@ def test_scaling_smoke(tmp_path):
 
 
 def test_read_volume_smoke(tmp_path):
-    out = tmp_path / "read.json"
-    # 135 tiny demo cases, one round; ~10 s. The script itself asserts both paths give identical arrays.
+    out = tmp_path / "read_volume.json"
+    # 135 tiny demo cases, one round; ~20 s. The script itself asserts both paths give identical arrays.
     proc = run_script("benchmarks/read_volume.py", "--smoke", "--json", str(out), timeout=180)
     assert "outputs identical on every case" in proc.stdout
     results = json.loads(out.read_text())
@@ -86,6 +86,18 @@ def test_read_volume_smoke(tmp_path):
     ms = results["ms_per_case"]
     assert set(ms) == {"read_zlib", "read_isal", "prepare_copy", "prepare_view"} and min(ms.values()) > 0
     assert results["read_speedup"] == round(ms["read_zlib"] / ms["read_isal"], 2)
+    allocator = results["allocator"]  # fresh processes, glibc defaults vs reuse_freed_memory, 1 and 2 at once
+    assert set(allocator["processes"]) == {f"{mode}/{n}" for mode in ("glibc-default", "reuse_freed_memory") for n in (1, 2)}
+    assert all(row["ms_per_case"] > 0 for row in allocator["processes"].values())
+    # run.py's summary turns this JSON into figure-3 rows, the allocator one included.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "benchmarks" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    rows = [row for row in bench_run.summary_rows(tmp_path, ["read_volume"], smoke=True) if row["figure"] == "3"]
+    assert any("reuse_freed_memory" in row["name"] and f"{allocator['speedup_alone']:.2f}x" in row["measured"]
+               for row in rows)
 
 
 def test_gpu_throughput_smoke_on_cpu(tmp_path):
