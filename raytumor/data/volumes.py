@@ -47,8 +47,8 @@ def reuse_freed_memory() -> bool:
 
     glibc hands every allocation above 128 KiB out as a fresh ``mmap`` and unmaps it when freed,
     so each buffer of each volume read (compressed bytes, voxels, float copies) page-faults and
-    is zeroed by the kernel on first touch: 300-750 faults per 128x128x32 case, 9 % of the
-    time in one process and 24 % with two at once (docs/benchmarks.md, figure 3).
+    is zeroed by the kernel on first touch: 300-750 faults per 128x128x32 case, 9-16 % of the
+    time in one process and 11-24 % with two at once (docs/benchmarks.md, figure 3).
     Raising the mmap and trim thresholds keeps those buffers in the heap, where the next case
     reuses them. Once per process; glibc only (elsewhere a no-op). True if the settings apply.
     """
