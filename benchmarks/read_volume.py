@@ -12,7 +12,7 @@ Both pairs must give identical arrays (checked on every case); each figure is th
 the rounds of the per-case mean, and the ratio is old / new. Torch runs on one thread, as in a
 Ray worker.
 
-Then the allocator (``raytumor.data.volumes.reuse_freed_memory``): the whole per-case work of
+Then the allocator (``raytumor.runtime.reuse_freed_memory``): the whole per-case work of
 ``prepare_dataset`` (``check_case`` + ``ras_voxels`` + ``preprocess_volume``) in fresh
 processes with glibc's default allocator settings vs with ``reuse_freed_memory``. The
 processes run one alone and two at once (as two Ray workers do), alternating ``--allocator-rounds``

@@ -119,6 +119,9 @@ def plain_training(config, inputs, steps_per_epoch: int) -> dict:
     from raytumor.train.sampler import PKBatchSampler
     from raytumor.train.steps import eval_step, to_device, train_step
 
+    from raytumor.runtime import reuse_freed_memory
+
+    reuse_freed_memory()  # as the real loop's _start does
     started_run = time.perf_counter()
     train_cfg, device, rank = config.train, torch.device("cpu"), 0
     torch.manual_seed(config.seed * 1000 + rank)

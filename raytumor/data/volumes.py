@@ -6,24 +6,17 @@ voxels are read), so every check here reads the voxels.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 
+from raytumor.runtime import reuse_freed_memory
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Largest off-axis component of a unit voxel axis that still counts as axis-aligned.
 OBLIQUE_TOLERANCE = 1e-3
-# glibc allocator settings for processes that read volumes (see reuse_freed_memory): blocks
-# up to 32 MiB (glibc's largest mmap threshold) come from the heap, and up to 128 MiB of freed
-# heap is kept for the next volume.
-MMAP_THRESHOLD_BYTES = 32 * 2**20
-TRIM_THRESHOLD_BYTES = 128 * 2**20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_allocator_tuned = False
 
 
 class VolumeError(Exception):
@@ -40,30 +33,6 @@ class Volume:
     @property
     def orientation(self) -> str:
         return "".join(nib.orientations.aff2axcodes(self.affine))
-
-
-def reuse_freed_memory() -> bool:
-    """Let this process reuse freed volume buffers instead of returning them to the kernel.
-
-    glibc hands every allocation above 128 KiB out as a fresh ``mmap`` and unmaps it when freed,
-    so each buffer of each volume read (compressed bytes, voxels, float copies) page-faults and
-    is zeroed by the kernel on first touch: 300-750 faults per 128x128x32 case, 9-16 % of the
-    time in one process and 11-24 % with two at once (docs/benchmarks.md, figure 3).
-    Raising the mmap and trim thresholds keeps those buffers in the heap, where the next case
-    reuses them. Once per process; glibc only (elsewhere a no-op). True if the settings apply.
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    except (OSError, AttributeError):
-        return False
-    _allocator_tuned = bool(ok)
-    return _allocator_tuned
 
 
 def read_volume(path: str, *, allow_2d: bool = False) -> Volume:

@@ -83,7 +83,9 @@ def _progress(rank: int, total: int, start: int, description: str):
 def _start(loop_config: dict):
     """The loop's config, this worker's rank / world size / device, seeded per rank."""
     from raytumor.config import RunConfig
+    from raytumor.runtime import reuse_freed_memory
 
+    reuse_freed_memory()
     config = RunConfig.model_validate(loop_config["config"])
     rank, world, device = _context()
     torch.manual_seed(config.seed * 1000 + rank)

@@ -1,0 +1,64 @@
+"""Process-level settings: glibc reuses freed buffers in processes that read volumes or train."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raytumor import runtime
+from raytumor.config import RunConfig
+from raytumor.train import loops
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+_FAULTS_PER_STEP = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from raytumor import runtime
+from raytumor.losses import get_loss
+from raytumor.models import build_model
+from raytumor.train.steps import train_step
+if sys.argv[1] == "tuned":
+    assert runtime.reuse_freed_memory()
+model = build_model("paper_cnn", in_channels=2, embedding_dim=6, normalize=True, width=0.25)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+loss_fn = get_loss("batch_hard", margin=0.5)
+x, y = torch.randn(30, 2, 16, 16, 8), torch.arange(30) % 6
+for _ in range(3):
+    train_step(model, x, y, loss_fn, optimizer)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    train_step(model, x, y, loss_fn, optimizer)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator settings are glibc's")
+def test_training_steps_reuse_freed_buffers():
+    # With glibc's defaults each step maps and faults in fresh pages for its activations.
+    def faults_per_step(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                             check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    tuned, default = faults_per_step("tuned"), faults_per_step("glibc-default")
+    assert default > 1000, default
+    assert tuned < default / 10, (tuned, default)
+
+
+def test_training_loops_tune_the_allocator_before_anything_else(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(loops, "_context", lambda: (calls.append("context") or 0, 1, torch.device("cpu")))
+    config, rank, world, device = loops._start({"config": RunConfig().model_dump(mode="json")})
+    assert calls == ["tuned", "context"] and (rank, world) == (0, 1)
+
+
+def test_reuse_freed_memory_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(runtime, "_allocator_tuned", False)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    assert runtime.reuse_freed_memory() is False
