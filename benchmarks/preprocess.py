@@ -28,7 +28,8 @@ and after it. Figures:
    previous ``prepare_dataset`` (four Ray Data executions: ``from_pandas`` -> ``map_batches(
    preprocess_batch)`` -> ``materialize`` with Ray Data's per-operator resource reservation on,
    then filter + ``write_parquet``, filter + ``to_pandas``, ``count``), rebuilt here from the
-   same ``preprocess_batch`` so it does the same work; ``prepare_dataset`` at other batch sizes;
+   same ``preprocess_batch`` so it does the same work; ``prepare_dataset`` at other batch sizes
+   and at 2 blocks per CPU (the default is 1);
    the same split into one plain Ray task per CPU without Ray Data, and into a warm
    ``ProcessPoolExecutor`` without Ray (what the cores give to any parallel layout); and the import time a fresh worker process pays, with and without MONAI
    (measured in fresh Python processes). The loop's own time is split into read + check,
@@ -359,7 +360,7 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
         "worker_import_with_monai_s": None if smoke else round(worker_import_s(WORKER_IMPORTS_WITH_MONAI), 2),
     }
     rows = manifest_rows(dataset)
-    cpus = int(ray.available_resources().get("CPU", 1))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     n_good = len(rows) - bench.loop_runs[0]["quarantined"]
 
     def one_thread():
@@ -390,9 +391,11 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
     assert count == n_good
     out["process_pool"] = ratio_row(seconds, around, processes=cpus)
     out["prepare_dataset"] = []
-    for batch in [16] if smoke else [4, 16, 64]:
-        seconds, around, _ = bench.measure(lambda: prepare_dataset(dataset, settings, force=True, batch_size=batch))
-        out["prepare_dataset"].append(ratio_row(seconds, around, batch_size=batch, blocks=min(len(rows), 2 * cpus)))
+    for batch, per_cpu in [(16, 2)] if smoke else [(4, 1), (16, 1), (64, 1), (16, 2)]:
+        seconds, around, _ = bench.measure(
+            lambda: prepare_dataset(dataset, settings, force=True, batch_size=batch, blocks_per_cpu=per_cpu))
+        out["prepare_dataset"].append(ratio_row(seconds, around, batch_size=batch, blocks_per_cpu=per_cpu,
+                                                blocks=min(len(rows), per_cpu * cpus)))
     return out
 
 
@@ -423,13 +426,14 @@ def print_report(results: dict) -> None:
           f"task's modules: {two_decimals(v['worker_import_s'])} s ({two_decimals(v['worker_import_with_monai_s'])} s with MONAI); "
           f"loop at 1 torch thread {one['loop_s']:.2f} s vs {one['loop_default_threads_s_around']:.2f} s at "
           f"{m['torch_threads_loop']}")
-    print(f"{'':>44} {'seconds':>8} {'loop s':>7} {'speed-up':>9}")
+    print(f"{'':>56} {'seconds':>8} {'loop s':>7} {'speed-up':>9}")
     rows = [("previous prepare_dataset (4 passes)", v["previous_prepare"]),
             (f"{v['plain_ray_tasks']['tasks']} plain Ray tasks, no Ray Data", v["plain_ray_tasks"]),
             (f"{v['process_pool']['processes']} processes, no Ray (ProcessPool)", v["process_pool"])]
-    rows += [(f"prepare_dataset(batch_size={r['batch_size']})", r) for r in v["prepare_dataset"]]
+    rows += [(f"prepare_dataset(batch_size={r['batch_size']}, blocks_per_cpu={r['blocks_per_cpu']})", r)
+             for r in v["prepare_dataset"]]
     for label, r in rows:
-        print(f"{label:>44} {r['seconds']:>8.2f} {r['loop_s_around']:>7.2f} {r['loop_over_this']:>9.2f}")
+        print(f"{label:>56} {r['seconds']:>8.2f} {r['loop_s_around']:>7.2f} {r['loop_over_this']:>9.2f}")
 
 
 def main() -> None:

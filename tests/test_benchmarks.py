@@ -57,7 +57,7 @@ def test_preprocess_smoke(tmp_path):
     variants = results["variants"]
     assert variants["previous_prepare"]["seconds"] > 0 and variants["plain_ray_tasks"]["seconds"] > 0
     assert variants["process_pool"]["seconds"] > 0
-    assert [r["batch_size"] for r in variants["prepare_dataset"]] == [16]
+    assert [(r["batch_size"], r["blocks_per_cpu"]) for r in variants["prepare_dataset"]] == [(16, 2)]
 
 
 @pytest.mark.slow

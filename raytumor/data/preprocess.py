@@ -252,6 +252,7 @@ def prepare_dataset(
     *,
     force: bool = False,
     batch_size: int = 16,
+    blocks_per_cpu: int = 1,
 ) -> PreparedDataset:
     """Preprocess every case of a dataset into Parquet shards with Ray Data (cached).
 
@@ -260,9 +261,16 @@ def prepare_dataset(
     shard -> the per-case outcomes, from which the quarantine list is written. A second call
     with an unchanged manifest, files and settings returns the cache without work. The cache
     is built in a temporary directory and renamed into place only when complete.
+
+    The rows are split into ``blocks_per_cpu`` blocks per CPU of the cluster, one Ray Data task
+    each. One per CPU is the fastest here: two per CPU cost 40-170 ms more per call on 2 CPUs
+    (docs/benchmarks.md, figure 3). More give finer load balancing where workers run at
+    different speeds.
     """
     import ray
 
+    if blocks_per_cpu < 1:
+        raise ValueError(f"blocks_per_cpu must be at least 1, got {blocks_per_cpu}")
     started = time.perf_counter()
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
@@ -281,10 +289,11 @@ def prepare_dataset(
 
     if len(rows) == 0:
         raise DatasetError(f"{dataset_dir}: the manifest has no usable case")
-    # One task per block, one shard per batch of a block. Two blocks per CPU: every CPU stays
-    # busy to the end, and few tasks (each costs Ray Data tens of ms; measured in figure 3).
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    blocks = min(len(rows), 2 * cpus)
+    # One task per block, one shard per batch of a block. The cluster's CPUs, not the ones free
+    # this instant: right after another Ray job, fewer show as free and the split came out
+    # coarser, down to one block for two CPUs.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    blocks = min(len(rows), blocks_per_cpu * cpus)
     with atomic_path(target) as tmp:
         shards = tmp / SHARDS_DIR
         shards.mkdir(parents=True)

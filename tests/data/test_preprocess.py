@@ -101,6 +101,22 @@ def test_prepare_writes_one_shard_per_batch_and_no_temp_files(ray_local, tmp_pat
     assert volume_encodings(prepared.shards) == {"PLAIN"}  # no dictionary of voxel values (slow to write)
 
 
+def test_prepare_splits_rows_into_blocks_per_cpu(ray_local, tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(5, 5), unlabelled=2)
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    shards = {}
+    for per_cpu in (1, 2):
+        prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE), batch_size=2, blocks_per_cpu=per_cpu, force=True)
+        blocks = min(12, per_cpu * cpus)
+        # Each block (never smaller than a batch here, so Ray Data bundles none) is cut into batches of 2, one shard each.
+        assert len(list(prepared.shards.iterdir())) == sum(-(-len(range(i, 12, blocks)) // 2) for i in range(blocks))
+        shards[per_cpu] = read_rows(ray_local, prepared).sort_index()
+    assert shards[1].index.tolist() == shards[2].index.tolist()
+    np.testing.assert_array_equal(np.stack(shards[1]["volume"]), np.stack(shards[2]["volume"]))
+    with pytest.raises(ValueError, match="blocks_per_cpu"):
+        prepare_dataset(dataset, PrepareSettings(shape=SHAPE), blocks_per_cpu=0, force=True)
+
+
 def volume_encodings(shards) -> set[str]:
     """The Parquet data encodings of the voxel column over every shard (repetition levels aside)."""
     import pyarrow.parquet as pq
