@@ -263,7 +263,7 @@ def prepare_dataset(
     is built in a temporary directory and renamed into place only when complete.
 
     The rows are split into ``blocks_per_cpu`` blocks per CPU of the cluster, one Ray Data task
-    each. One per CPU is the fastest here: two per CPU cost 40-170 ms more per call on 2 CPUs
+    each (``batch_size`` shrinks to the smallest block where blocks are smaller). One per CPU is the fastest here: two per CPU cost 40-170 ms more per call on 2 CPUs
     (docs/benchmarks.md, figure 3). More give finer load balancing where workers run at
     different speeds.
     """
@@ -294,6 +294,9 @@ def prepare_dataset(
     # coarser, down to one block for two CPUs.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = min(len(rows), blocks_per_cpu * cpus)
+    # Ray Data merges blocks smaller than a batch into one task: 9 cases in 4 blocks ran as one
+    # task. Batches no larger than the smallest block keep one task per block.
+    batch_size = max(1, min(batch_size, len(rows) // blocks))
     with atomic_path(target) as tmp:
         shards = tmp / SHARDS_DIR
         shards.mkdir(parents=True)

@@ -110,6 +110,23 @@ def test_import_unlabelled_twice_is_a_one_line_error(dataset, tmp_path, monkeypa
     assert code == 2 and err.count("\n") == 1 and "already in the manifest" in err
 
 
+@pytest.mark.ray
+def test_prepare_via_cli_with_blocks_per_cpu(ray_local, dataset, monkeypatch, capsys):
+    args = ["data", "prepare", str(dataset), "--shape", "8,8,4", "--blocks-per-cpu", "2"]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "prepared 9 case(s), 0 quarantined" in result.output
+    shards = list((dataset / "prepared").glob("8x8x4-*/shards/*.parquet"))
+    # 9 cases in 2 blocks per CPU, one task each: the batch (one shard) shrinks to the
+    # smallest block, so that Ray Data does not merge blocks smaller than a batch.
+    blocks = min(9, 2 * int(ray_local.cluster_resources()["CPU"]))
+    batch = 9 // blocks
+    assert len(shards) == sum(-(-len(range(i, 9, blocks)) // batch) for i in range(blocks))
+
+    code, _, err = _run_main(monkeypatch, capsys, "data", "prepare", str(dataset), "--blocks-per-cpu", "0")
+    assert code == 2 and "--blocks-per-cpu" in err and "Traceback" not in err
+
+
 def test_split_keeps_existing_unless_force(dataset):
     before = read_manifest(dataset)["split"].tolist()
     result = runner.invoke(app, ["data", "split", str(dataset), "--seed", "9"])
