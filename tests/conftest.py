@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+
+
+# The allocator settings of raytumor.runtime.reuse_freed_memory are glibc's.
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def shard_count(n_rows: int, blocks: int, batch_size: int) -> int:
+    """Shards ``prepare_dataset`` writes when ``n_rows`` are dealt into ``blocks`` strided blocks,
+    each block cut into batches of ``batch_size`` and every batch written as one shard."""
+    return sum(-(-len(range(i, n_rows, blocks)) // batch_size) for i in range(blocks))
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

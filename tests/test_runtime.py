@@ -12,8 +12,8 @@ import torch
 from raytumor import runtime
 from raytumor.config import RunConfig
 from raytumor.train import loops
+from tests.conftest import GLIBC
 
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 _FAULTS_PER_STEP = """
 import resource, sys, torch

@@ -263,7 +263,8 @@ def prepare_dataset(
     is built in a temporary directory and renamed into place only when complete.
 
     The rows are split into ``blocks_per_cpu`` blocks per CPU of the cluster, one Ray Data task
-    each (``batch_size`` shrinks to the smallest block where blocks are smaller). One per CPU is the fastest here: two per CPU cost 40-170 ms more per call on 2 CPUs
+    each (``batch_size`` shrinks to the smallest block where blocks are smaller). One per CPU
+    is the fastest here: two per CPU cost 40-170 ms more per call on 2 CPUs
     (docs/benchmarks.md, figure 3). More give finer load balancing where workers run at
     different speeds.
     """

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from raytumor.cli import app, main
 from raytumor.data.manifest import read_manifest, write_manifest
 from raytumor.errors import RaytumorError
-from tests.conftest import blob_volume, make_dataset, write_nifti
+from tests.conftest import blob_volume, make_dataset, shard_count, write_nifti
 
 SHAPE = (12, 12, 4)
 WIDE = {"COLUMNS": "250"}  # rich tables must not wrap case ids and reasons
@@ -120,8 +120,7 @@ def test_prepare_via_cli_with_blocks_per_cpu(ray_local, dataset, monkeypatch, ca
     # 9 cases in 2 blocks per CPU, one task each: the batch (one shard) shrinks to the
     # smallest block, so that Ray Data does not merge blocks smaller than a batch.
     blocks = min(9, 2 * int(ray_local.cluster_resources()["CPU"]))
-    batch = 9 // blocks
-    assert len(shards) == sum(-(-len(range(i, 9, blocks)) // batch) for i in range(blocks))
+    assert len(shards) == shard_count(9, blocks, 9 // blocks)
 
     code, _, err = _run_main(monkeypatch, capsys, "data", "prepare", str(dataset), "--blocks-per-cpu", "0")
     assert code == 2 and "--blocks-per-cpu" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ from raytumor.data.preprocess import (
     preprocess_volume,
     resize_volume,
 )
-from tests.conftest import blob_volume, make_dataset, write_nifti
+from tests.conftest import blob_volume, make_dataset, shard_count, write_nifti
 
 pytestmark = pytest.mark.ray
 
@@ -109,7 +109,7 @@ def test_prepare_splits_rows_into_blocks_per_cpu(ray_local, tmp_path):
         prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE), batch_size=2, blocks_per_cpu=per_cpu, force=True)
         blocks = min(12, per_cpu * cpus)
         # Each block (never smaller than a batch here, so Ray Data bundles none) is cut into batches of 2, one shard each.
-        assert len(list(prepared.shards.iterdir())) == sum(-(-len(range(i, 12, blocks)) // 2) for i in range(blocks))
+        assert len(list(prepared.shards.iterdir())) == shard_count(12, blocks, 2)
         shards[per_cpu] = read_rows(ray_local, prepared).sort_index()
     assert shards[1].index.tolist() == shards[2].index.tolist()
     np.testing.assert_array_equal(np.stack(shards[1]["volume"]), np.stack(shards[2]["volume"]))

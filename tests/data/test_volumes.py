@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from raytumor.data.volumes import VolumeError, load_nifti, read_volume
+from tests.conftest import GLIBC
 
 
 @pytest.fixture
@@ -84,8 +85,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
-                    reason="the allocator settings are glibc's")
+@pytest.mark.skipif(not GLIBC, reason="the allocator settings are glibc's")
 def test_reading_volumes_reuses_freed_buffers(tmp_path):
     # A 2 MiB volume: with glibc's defaults every read maps fresh pages for its buffers and
     # faults on each of them; with reuse_freed_memory the next read reuses the freed ones.
