@@ -25,15 +25,18 @@ Train workers hold the CPUs.
    (RAY-NOTES: Train workers holding every CPU can starve Ray Data).
 2. Data wait: ``data_wait_fraction`` (time per epoch spent fetching the batch from the
    worker's in-memory shard) over epochs 2.., per layout, from ``metrics.csv``. Target < 2 %.
-3. Time to first batch from the cache, measured in the driver as a proxy for a worker (which
-   reads its shard with ``load_arrays`` before its first step): ``read_stage_datasets`` (read
-   the Parquet cache, split train/val, materialise) + ``load_arrays`` of the train split, and
-   ``load_arrays`` of a ``streaming_split(1)`` iterator of it (the path a worker's shard takes).
-   Median of 3, and the session's first call (Ray Data's first start) on its own. Target < 2 s.
-   The datasets of the last read are the ones every run shares.
+3. Time to first batch from the cache, measured on the workers: each run's ``first_batch_s``
+   (``metrics.csv``, epoch 1), the slowest worker's time from its loop's start until its
+   ``train`` shard is in memory plus assembling the first batch. Every run gets per-worker
+   shards cut in the driver (``class_stratified_shards``, as ``raytumor`` does); the last
+   layout runs once more without them (``--no-split-compare`` leaves it out), so Ray Train's
+   ``streaming_split`` is compared side by side: time to first batch and fit wall time.
+   Also reported: the driver's ``read_stage_datasets`` (read the Parquet cache, split
+   train/val, materialise), median of 3 and the session's first call, and the time to cut
+   the shards. Target < 2 s.
 
 ``--smoke`` (16x16x4 volumes, layouts ``1x1`` and ``2x0.5`` once each, 2 epochs x 2 steps, one
-proxy read without ``streaming_split``, no thread probe, shorter Ray Train teardown) only checks
+driver read, no ``streaming_split`` run, no thread probe, shorter Ray Train teardown) only checks
 that the script runs.
 
     python benchmarks/scaling.py [--json results.json] [--smoke] [--layouts 2x0.5 2x1 1x2]
@@ -73,38 +76,35 @@ def parse_layout(text: str) -> tuple[int, float]:
 # --- measurements ---------------------------------------------------------------------------
 
 
-def first_batch_proxy(config, repeats: int, streaming_split: bool = True) -> tuple[dict, dict]:
-    """Driver-side proxy for a worker's time to first batch: read the cache, then load the train rows.
-    Also returns the datasets of the last read (materialised), for the runs to share."""
-    from raytumor.train.datasets import load_arrays, read_stage_datasets
+def driver_read(config, repeats: int) -> tuple[dict, dict]:
+    """``read_stage_datasets`` in the driver (the cache read every run starts from), timed; also
+    returns the datasets of the last read, for the runs to share."""
+    from raytumor.train.datasets import read_stage_datasets
 
-    read_s, load_s, split_s = [], [], []
+    read_s = []
     for _ in range(repeats):
         started = time.perf_counter()
-        datasets = read_stage_datasets(config, augmented=False, pretraining=False)
+        datasets = read_stage_datasets(config, augmented=False, pretraining=False, shard=())
         read_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        volumes, _ = load_arrays(datasets["train"])
-        load_s.append(time.perf_counter() - started)
-        if streaming_split:
-            started = time.perf_counter()
-            (shard,) = datasets["train"].streaming_split(1)
-            load_arrays(shard)
-            split_s.append(time.perf_counter() - started)
-    read, load = statistics.median(read_s), statistics.median(load_s)
+    volumes = datasets["train"].take(1)[0]["volume"]
+    rows = datasets["train"].count()
     return datasets, {
         "read_stage_datasets_s_runs": [round(x, 3) for x in read_s],
-        "load_arrays_s_runs": [round(x, 3) for x in load_s],
-        "first_call_s": round(read_s[0] + load_s[0], 3),
-        "read_stage_datasets_s": round(read, 3),
-        "load_arrays_s": round(load, 3),
-        "load_arrays_streaming_split_s": round(statistics.median(split_s), 3) if split_s else None,
-        "first_batch_proxy_s": round(read + load, 3),
-        "target_s": TARGET_FIRST_BATCH_S,
-        "train_rows": int(len(volumes)),
-        "train_mb": round(volumes.nbytes / 2**20, 2),
+        "read_stage_datasets_s": round(statistics.median(read_s), 3),
+        "first_call_s": round(read_s[0], 3),
+        "train_rows": int(rows),
+        "train_mb": round(rows * volumes.nbytes / 2**20, 2),
         "repeats": repeats,
     }
+
+
+def with_shards(datasets: dict, workers: int) -> dict:
+    """The shared datasets with ``train`` cut into one class-stratified shard per worker (timed)."""
+    from raytumor.train.datasets import class_stratified_shards
+
+    started = time.perf_counter()
+    shards = class_stratified_shards(datasets["train"], workers)
+    return {**datasets, "shards": {"train": shards}, "shard_s": round(time.perf_counter() - started, 3)}
 
 
 def actor_threads(cpu_sizes, capacity: float = 2.0) -> dict[str, int]:
@@ -175,6 +175,8 @@ def run_layout(base_overrides: list[str], name: str, workers: int, cpus: float, 
         "layout": f"{workers}x{cpus:g}",
         "workers": workers,
         "cpus_per_worker": cpus,
+        "shards": "stratified" if shared.get("shards", {}).get("train") else "streaming_split",
+        "first_batch_s": round(float(history[0]["first_batch_s"]), 3),
         "samples_per_s": round(rate, 2),
         "data_wait_fraction": round(wait, 5),
         "data_wait_fraction_max": round(max(r["data_wait_fraction"] for r in history[1:] or history), 5),
@@ -190,7 +192,7 @@ def efficiency_rows(runs: list[dict]) -> list[dict]:
     """Each non-baseline layout against the mean of the 1x1 runs just before and after it."""
     rows = []
     for i, r in enumerate(runs):
-        if r["layout"] == "1x1":
+        if r["layout"] == "1x1" or r["shards"] != "stratified":
             continue
         around = [runs[j] for j in (i - 1, i + 1) if 0 <= j < len(runs) and runs[j]["layout"] == "1x1"]
         base_rate = statistics.mean(b["samples_per_s"] for b in around)
@@ -227,11 +229,17 @@ def print_report(results: dict) -> None:
         print(f"{r['layout']:>8} {r['cores_used']:>6} {r['speedup_vs_1x1']:>16.3f} {r['efficiency']:>11.3f}"
               f" {r['wall_speedup_vs_1x1']:>14.3f}")
     print("   efficiency = samples/s / (cores used x samples/s of 1x1, mean of the 1x1 runs just before and after)")
-    f = results["first_batch"]
-    print(f"\nTime to first batch (driver proxy, median of {f['repeats']}): read_stage_datasets {f['read_stage_datasets_s']:.2f} s"
-          f" + load_arrays {f['load_arrays_s']:.2f} s = {f['first_batch_proxy_s']:.2f} s (target < {f['target_s']} s);"
-          f" load_arrays via streaming_split {two_decimals(f['load_arrays_streaming_split_s'])} s; {f['train_rows']} rows,"
-          f" {f['train_mb']} MB; first call of the session {f['first_call_s']:.2f} s")
+    f = results["driver_read"]
+    print(f"\nTime to first batch on the workers (slowest worker, epoch 1; target < {TARGET_FIRST_BATCH_S} s):")
+    for r in results["runs"]:
+        print(f"{r['layout']:>8} {r['shards']:>16} {r['first_batch_s']:>6.2f} s   fit {r['fit_wall_s']:.1f} s")
+    split = results.get("split_compare")
+    if split:
+        print(f"   {split['layout']} with stratified shards vs Ray Train's streaming_split, side by side: first batch "
+              f"{split['first_batch_s'][0]:.2f} vs {split['first_batch_s'][1]:.2f} s, fit {split['fit_wall_s'][0]:.1f} vs "
+              f"{split['fit_wall_s'][1]:.1f} s")
+    print(f"Driver: read_stage_datasets {f['read_stage_datasets_s']:.2f} s (median of {f['repeats']}; first call "
+          f"{f['first_call_s']:.2f} s), shards cut in {results['shard_s']} s; {f['train_rows']} train rows, {f['train_mb']} MB")
     worst = max(r["data_wait_fraction"] for r in results["runs"])
     print(f"Data wait, epochs 2..: at most {worst:.4f} of a step over all layouts (target < {TARGET_DATA_WAIT})")
 
@@ -244,6 +252,8 @@ def main() -> None:
                                                       "(default 2x0.5 2x1; 1x2 = one worker, 2 threads)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--no-split-compare", action="store_true",
+                        help="leave out the last layout's extra run with Ray Train's streaming_split")
     parser.add_argument("--fit-timeout", type=float, default=300.0, help="seconds before a layout counts as hung")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the temp dataset and runs go (default: system temp dir)")
@@ -296,16 +306,31 @@ def main() -> None:
             started = time.perf_counter()
             ensure_prepared(config)
             results["prepare_s"] = round(time.perf_counter() - started, 2)
-            print("time to first batch (driver proxy) ...", flush=True)
-            shared, results["first_batch"] = first_batch_proxy(config, repeats=1 if args.smoke else 3,
-                                                               streaming_split=not args.smoke)
+            print("read_stage_datasets ...", flush=True)
+            datasets, results["driver_read"] = driver_read(config, repeats=1 if args.smoke else 3)
+            datasets.pop("shards", None)
+            shared = {w: with_shards(datasets, w) for w in sorted({w for w, _ in layouts})}
+            results["shard_s"] = {str(w): d.pop("shard_s") for w, d in shared.items()}
             # Each probe is a fresh process importing torch (~1-2 s): left out of the smoke run.
             results["worker_threads"] = None if args.smoke else actor_threads({c for _, c in layouts})
             results["runs"] = []
-            for i, (workers, cpus) in enumerate(layouts):
-                print(f"run_training {workers}x{cpus:g} ...", flush=True)
+            plan = [(w, c, shared[w]) for w, c in layouts]
+            if not args.smoke and not args.no_split_compare:
+                last = parse_layout(size["layouts"][-1])
+                plan.append((*last, datasets))  # no shards: Ray Train's streaming_split
+            for i, (workers, cpus, inputs) in enumerate(plan):
+                print(f"run_training {workers}x{cpus:g} ({'stratified shards' if inputs.get('shards') else 'streaming_split'})"
+                      " ...", flush=True)
                 results["runs"].append(run_layout(base, f"run{i}-{workers}x{cpus:g}", workers, cpus,
-                                                  size["steps_per_epoch"], shared, args.fit_timeout, results, args.json))
+                                                  size["steps_per_epoch"], inputs, args.fit_timeout, results, args.json))
+            if len(plan) > len(layouts):
+                split = results["runs"][-1]
+                ours = [r for r in results["runs"] if r["layout"] == split["layout"] and r["shards"] == "stratified"][-1]
+                results["split_compare"] = {
+                    "layout": split["layout"],
+                    "first_batch_s": [ours["first_batch_s"], split["first_batch_s"]],
+                    "fit_wall_s": [ours["fit_wall_s"], split["fit_wall_s"]],
+                }
         finally:
             ray.shutdown()
     results["scaling"] = efficiency_rows(results["runs"])

@@ -73,7 +73,8 @@ def test_scaling_smoke(tmp_path):
         assert len(run["epochs"]) == 2 and run["samples_per_s"] > 0 and 0 <= run["data_wait_fraction"] < 1
     (row,) = results["scaling"]
     assert row["layout"] == "2x0.5" and row["cores_used"] == 2 and row["efficiency"] > 0
-    assert results["first_batch"]["first_batch_proxy_s"] > 0 and results["first_batch"]["train_rows"] > 0
+    assert all(run["shards"] == "stratified" and run["first_batch_s"] > 0 for run in results["runs"])
+    assert results["driver_read"]["read_stage_datasets_s"] > 0 and results["driver_read"]["train_rows"] > 0
 
 
 def test_read_volume_smoke(tmp_path):

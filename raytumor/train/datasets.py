@@ -15,12 +15,17 @@ COLUMNS = ["case_id", "label", "volume"]
 
 @dataclass(frozen=True)
 class StageInputs:
-    """What a training stage needs besides the config: Ray Datasets and the class table facts."""
+    """What a training stage needs besides the config: Ray Datasets and the class table facts.
+
+    ``train_shards``: one materialised shard of ``datasets["train"]`` per worker
+    (:func:`class_stratified_shards`), or None to let Ray Train split it.
+    """
 
     datasets: dict
     num_classes: int
     rare_classes: tuple[int, ...]
     n_train_rows: int
+    train_shards: list | None = None
 
 
 def ensure_prepared(config: RunConfig) -> PreparedDataset:
@@ -35,9 +40,36 @@ def _split(ds, *splits: str):
     return ds.filter(expr=col("split").is_in(list(splits)))
 
 
-def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool) -> dict:
+def class_stratified_shards(ds, n: int) -> list:
+    """``ds`` cut into ``n`` materialised shards, every class dealt round-robin over them.
+
+    Rows sorted by (label, case_id) go to shard 0, 1, ..., n-1, 0, ... in turn, so each
+    class's rows on any two shards differ by at most one, and so do the shard sizes: a rare
+    class with 2n rows gives every worker the positive pair a P x K batch needs, where a
+    split by blocks could leave a worker with none of it. No row is dropped. Runs Ray Data
+    tasks, so call it where CPUs are free (a driver, not a zero-CPU Tune trial).
+    """
+    from ray.data.expressions import col
+
+    if n < 1:
+        raise ValueError(f"need at least one shard, got {n}")
+    if n == 1:
+        return [ds.materialize()]
+    rows = ds.select_columns(["case_id", "label"]).to_pandas().sort_values(["label", "case_id"], kind="stable")
+    ids = rows["case_id"].astype(str).to_numpy()
+    shard_of = np.arange(len(ids)) % n
+    return [ds.filter(expr=col("case_id").is_in(ids[shard_of == i].tolist())).materialize() for i in range(n)]
+
+
+TRAINING_SETS = ("train", "train_augmented", "pretrain")
+
+
+def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool,
+                        shard: tuple[str, ...] = TRAINING_SETS) -> dict:
     """Materialised Ray Datasets, read once from the cache: ``train``, ``val``,
     ``train_augmented`` (train + rare-case rows) and ``pretrain`` (train + unlabelled) as asked.
+    ``shards`` maps the name of each training set in ``shard`` to its
+    :func:`class_stratified_shards`, one per worker of ``config.resources``.
 
     A sweep reads them in its driver and hands them to every trial: Ray Data started inside
     a Tune trial is limited to the trial's (zero-CPU) reservation.
@@ -61,6 +93,8 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
     if pretraining:
         splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)
         out["pretrain"] = _split(rows, *splits).select_columns(COLUMNS).materialize()
+    out["shards"] = {name: class_stratified_shards(out[name], config.resources.num_workers)
+                     for name in shard if name in out}
     return out
 
 
@@ -71,26 +105,33 @@ def _class_facts(config: RunConfig) -> tuple[int, tuple[int, ...]]:
 
 def training_inputs(config: RunConfig, shared: dict | None = None) -> StageInputs:
     """``train`` (sharded; + rare-case augmented rows when asked), ``reference`` = train, ``val``."""
-    datasets = shared or read_stage_datasets(config, augmented=config.data.augment_rare, pretraining=False)
-    train = datasets.get("train_augmented", datasets["train"]) if config.data.augment_rare else datasets["train"]
-    num_classes, rare = _class_facts(config)
-    return StageInputs(
-        datasets={"train": train, "reference": datasets["train"], "val": datasets["val"]},
-        num_classes=num_classes,
-        rare_classes=rare,
-        n_train_rows=train.count(),
-    )
+    datasets = shared or read_stage_datasets(config, augmented=config.data.augment_rare, pretraining=False, shard=())
+    name = "train_augmented" if config.data.augment_rare and "train_augmented" in datasets else "train"
+    return _stage_inputs(config, datasets, name, {"reference": datasets["train"], "val": datasets["val"]},
+                         fresh=shared is None)
 
 
 def pretraining_inputs(config: RunConfig, shared: dict | None = None) -> StageInputs:
     """Labelled train cases plus (optionally) the unlabelled pool; labels are not used."""
-    datasets = shared if shared and "pretrain" in shared else read_stage_datasets(config, augmented=False, pretraining=True)
+    fresh = not (shared and "pretrain" in shared)
+    datasets = read_stage_datasets(config, augmented=False, pretraining=True, shard=()) if fresh else shared
+    return _stage_inputs(config, datasets, "pretrain", {}, fresh=fresh)
+
+
+def _stage_inputs(config: RunConfig, datasets: dict, name: str, others: dict, *, fresh: bool) -> StageInputs:
+    """``datasets[name]`` as the stage's ``train``, with its per-worker shards: read along with the
+    datasets (a sweep's, shared), or cut here for datasets just read in this driver."""
+    train = datasets[name]
+    shards = datasets.get("shards", {}).get(name)
+    if shards is None and fresh:
+        shards = class_stratified_shards(train, config.resources.num_workers)
     num_classes, rare = _class_facts(config)
     return StageInputs(
-        datasets={"train": datasets["pretrain"]},
+        datasets={"train": train, **others},
         num_classes=num_classes,
         rare_classes=rare,
-        n_train_rows=datasets["pretrain"].count(),
+        n_train_rows=train.count(),
+        train_shards=shards,
     )
 
 

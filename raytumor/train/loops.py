@@ -2,6 +2,10 @@
 
 Each epoch ends with one ``ray.train.report`` carrying a checkpoint (model, optimiser,
 epoch, sampler RNG state, history, best model so far), so a crash costs at most one epoch.
+The first epoch a loop runs (a fresh start or a restart) also reports ``first_batch_s``,
+the slowest worker's time to its first batch of input: from the loop's start until its
+``train`` shard is in memory, plus assembling the first batch (building the model and rank
+0's reading of the validation sets are not counted).
 """
 
 from __future__ import annotations
@@ -92,6 +96,17 @@ def _start(loop_config: dict):
     return config, rank, world, device
 
 
+def _slowest_worker(seconds: float, device) -> float:
+    """The largest of every worker's ``seconds``: one all-reduce, which every rank must reach."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
+
+
 def _prepare_model(model, device):
     import ray.train.torch
 
@@ -109,6 +124,7 @@ def _restore_training_state(state: dict, model, optimizer, sampler, rank: int) -
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Final training: class-balanced P x K batches, triplet / CE / interval loss, KNN validation."""
+    loop_started = time.perf_counter()
     import ray.train
 
     from raytumor.losses import get_loss
@@ -120,6 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config, rank, world, device = _start(loop_config)
     train_cfg = config.train
     volumes, labels = load_arrays(ray.train.get_dataset_shard("train"))
+    shard_loaded_s = time.perf_counter() - loop_started
     if rank == 0:
         reference = load_arrays(ray.train.get_dataset_shard("reference"))
         val = load_arrays(ray.train.get_dataset_shard("val"))
@@ -154,6 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     bar = _progress(rank, train_cfg.epochs, start_epoch, f"train {config.name}")
     telemetry = EpochMetrics(config.name, "train") if rank == 0 else None
+    first_batch_s = None
     for epoch in range(start_epoch, train_cfg.epochs):
         _maybe_crash(loop_config, epoch, rank)
         started, waited = time.perf_counter(), 0.0
@@ -167,6 +185,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             x = to_device(volumes[indices], device)
             y = torch.from_numpy(batch_labels).to(device)
             waited += time.perf_counter() - tick
+            if first_batch_s is None:
+                first_batch_s = shard_loaded_s + time.perf_counter() - tick
             total += train_step(model, x, y, loss_fn, optimizer)
         seconds = time.perf_counter() - started
         metrics = {
@@ -177,6 +197,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # P x K on this worker's shard: every class in every batch had at least this many rows.
             "min_rows_per_class_in_batch": fewest_per_class,
         }
+        if epoch == start_epoch:
+            metrics["first_batch_s"] = _slowest_worker(first_batch_s, device)
         if rank == 0:
             scores = eval_step(model, reference, val, device, k=train_cfg.knn_k, rare_classes=loop_config["rare_classes"])
             metrics.update({f"val_{key}": value for key, value in scores.items()})
@@ -213,6 +235,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def pretrain_loop_per_worker(loop_config: dict) -> None:
     """Contrastive pre-training: two augmented views per volume, NT-Xent or triplet loss, SGD."""
+    loop_started = time.perf_counter()
     import ray.train
 
     from raytumor.data.augment import two_view_batch
@@ -225,6 +248,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
     config, rank, world, device = _start(loop_config)
     pre = config.pretrain
     volumes, _ = load_arrays(ray.train.get_dataset_shard("train"))
+    shard_loaded_s = time.perf_counter() - loop_started
 
     model = _prepare_model(build_contrastive_model(config.model.encoder, in_channels=2, width=config.model.width,
                                                    projection_dim=pre.projection_dim), device)
@@ -244,6 +268,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
 
     bar = _progress(rank, pre.epochs, start_epoch, f"pretrain {config.name}")
     telemetry = EpochMetrics(config.name, "pretrain") if rank == 0 else None
+    first_batch_s = None
     for epoch in range(start_epoch, pre.epochs):
         _maybe_crash(loop_config, epoch, rank)
         started, waited = time.perf_counter(), 0.0
@@ -253,6 +278,8 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
             view1, view2 = two_view_batch(volumes[indices], int(view_rng.integers(2**31)))
             x1, x2 = to_device(view1, device), to_device(view2, device)
             waited += time.perf_counter() - tick
+            if first_batch_s is None:
+                first_batch_s = shard_loaded_s + time.perf_counter() - tick
             total += pretrain_step(model, x1, x2, loss_fn, optimizer)
         seconds = time.perf_counter() - started
         metrics = {
@@ -261,6 +288,8 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
             "samples_per_s": len(sampler) * len(indices) * world / seconds,
             "data_wait_fraction": waited / seconds,
         }
+        if epoch == start_epoch:
+            metrics["first_batch_s"] = _slowest_worker(first_batch_s, device)
         history.append(metrics)
         if telemetry is not None:
             telemetry.record(metrics)

@@ -7,6 +7,7 @@ EPOCH_GAUGES = {
     "pretrain_loss": "Contrastive pre-training loss of the last epoch",
     "samples_per_s": "Training samples per second (all workers) in the last epoch",
     "data_wait_fraction": "Share of the last epoch spent waiting for input",
+    "first_batch_s": "Slowest worker's seconds from loop start to its first batch of input (first epoch of a start)",
     "val_recall_macro": "Validation Recall_M (K-nearest-neighbour macro recall) after the last epoch",
 }
 

@@ -29,7 +29,7 @@ def test_epoch_gauges_are_exported_to_prometheus(ray_local):
             self.telemetry.record(metrics)
 
     values = {"loss": 0.625, "samples_per_s": 42.5, "data_wait_fraction": 0.015, "val_recall_macro": 0.75,
-              "pretrain_loss": float("nan")}
+              "first_batch_s": 1.25, "pretrain_loss": float("nan")}
     worker = Worker.remote()
     try:
         ray_local.get(worker.record.remote(values))

@@ -48,6 +48,11 @@ def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_datas
     assert history["val_recall_macro"].max() > 0.5  # three blob sizes: chance is 1/3
     # The P x K batches survived Ray's sharding: every class in every batch had K = 3 rows.
     assert (history["min_rows_per_class_in_batch"] == 3).all()
+    # Time to first batch: once per start of the workers, at epoch 1 and at the first epoch after
+    # the restart (which checkpoint Ray Train restarts from depends on timing, so not a fixed epoch).
+    first_batch = history.set_index("epoch")["first_batch_s"].dropna()
+    assert first_batch.index[0] == 1 and len(first_batch) == 2 and 1 < first_batch.index[1] <= 4, history.to_string()
+    assert ((first_batch > 0) & (first_batch < 120)).all()
     model, saved = load_best_model(result.run_dir)
     assert saved.resources.num_workers == 2
     best_epoch = int(history["val_recall_macro"].idxmax()) + 1
@@ -70,6 +75,8 @@ def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
     pre = config_for(tiny_dataset, tmp_path, "pre", "pretrain.enabled=true", "pretrain.epochs=1",
                      "pretrain.loss=ntxent")
     run_training(pre, stages=("pretrain",))
+    pretrain_history = pd.read_csv(tmp_path / "pre" / "pretrain_metrics.csv")
+    assert pretrain_history["first_batch_s"].iloc[0] > 0
     backbone = torch.load(tmp_path / "pre" / PRETRAINED_BACKBONE_FILE, weights_only=True)
     assert list(read_scalars(tmp_path / "pre" / TENSORBOARD_DIR)["pretrain/pretrain_loss"]) == [1]
 

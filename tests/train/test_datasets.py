@@ -1,0 +1,78 @@
+"""Per-worker training shards: class-stratified, and handed to Ray Train without a split coordinator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raytumor.train.datasets import class_stratified_shards, load_arrays
+from raytumor.train.trainer import ShardedTrainConfig
+
+pytestmark = pytest.mark.ray
+
+
+def labelled_rows(ray, counts: dict[int, int]):
+    """A materialised dataset with ``counts[label]`` rows per label, labels interleaved in row order."""
+    labels = np.concatenate([np.full(n, label) for label, n in counts.items()])
+    order = np.random.default_rng(0).permutation(len(labels))
+    rows = [{"case_id": f"case-{i:03d}", "label": int(labels[i]), "volume": np.full((1, 2, 2, 2), i, dtype=np.float32)}
+            for i in order]
+    return ray.data.from_items(rows, override_num_blocks=4).materialize()
+
+
+def ids_and_labels(ds) -> tuple[list[str], np.ndarray]:
+    frame = ds.select_columns(["case_id", "label"]).to_pandas()
+    return frame["case_id"].tolist(), frame["label"].to_numpy()
+
+
+def test_shards_spread_every_class_evenly_and_keep_every_row(ray_local):
+    counts = {0: 20, 1: 9, 2: 4, 3: 1}  # a rare class with 2 rows per worker, and a singleton
+    ds = labelled_rows(ray_local, counts)
+    shards = class_stratified_shards(ds, 2)
+    assert len(shards) == 2
+    ids = [ids_and_labels(shard) for shard in shards]
+    every_id = sorted(i for shard_ids, _ in ids for i in shard_ids)
+    assert every_id == sorted(ids_and_labels(ds)[0])  # nothing dropped, nothing twice
+    for label, n in counts.items():
+        per_shard = [int((labels == label).sum()) for _, labels in ids]
+        assert sorted(per_shard) == sorted([n // 2, n - n // 2]), (label, per_shard)
+    assert abs(len(ids[0][0]) - len(ids[1][0])) <= 1
+
+    # Three shards: per-class counts still differ by at most one; the cut is the same every time.
+    three = [ids_and_labels(shard) for shard in class_stratified_shards(ds, 3)]
+    for label in counts:
+        per_shard = [int((labels == label).sum()) for _, labels in three]
+        assert max(per_shard) - min(per_shard) <= 1
+    again = [ids_and_labels(shard)[0] for shard in class_stratified_shards(ds, 3)]
+    assert [sorted(x) for x in again] == [sorted(x) for x, _ in three]
+
+    (whole,) = class_stratified_shards(ds, 1)
+    assert sorted(ids_and_labels(whole)[0]) == every_id
+    with pytest.raises(ValueError, match="at least one shard"):
+        class_stratified_shards(ds, 0)
+
+
+def test_sharded_train_config_gives_each_worker_its_shard(ray_local):
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    ds = labelled_rows(ray_local, {0: 6, 1: 6})
+    val = labelled_rows(ray_local, {0: 2, 1: 2})
+    shards = class_stratified_shards(ds, 2)
+    out = ShardedTrainConfig(shards).configure({"train": ds, "val": val}, world_size=2, worker_handles=None,
+                                               worker_node_ids=None)
+    assert len(out) == 2
+    for rank in range(2):
+        volumes, labels = load_arrays(out[rank]["train"])
+        expected_volumes, expected_labels = load_arrays(shards[rank])
+        np.testing.assert_array_equal(np.sort(volumes.ravel()), np.sort(expected_volumes.ravel()))
+        assert sorted(labels) == sorted(expected_labels) and len(labels) == 6
+        assert len(load_arrays(out[rank]["val"])[1]) == 4  # the other datasets whole, to every worker
+        assert not isinstance(out[rank]["train"], StreamSplitDataIterator)
+
+    # Shards for another world size (or none): Ray Train's own streaming_split.
+    fallback = ShardedTrainConfig(shards).configure({"train": ds}, world_size=3, worker_handles=None,
+                                                    worker_node_ids=None)
+    try:
+        assert len(fallback) == 3 and all(isinstance(o["train"], StreamSplitDataIterator) for o in fallback)
+    finally:
+        ray_local.kill(fallback[0]["train"]._coord_actor)
