@@ -54,11 +54,20 @@ def class_stratified_shards(ds, n: int) -> list:
     if n < 1:
         raise ValueError(f"need at least one shard, got {n}")
     if n == 1:
-        return [ds.materialize()]
+        return [_read_by_workers(ds.materialize())]
     rows = ds.select_columns(["case_id", "label"]).to_pandas().sort_values(["label", "case_id"], kind="stable")
     ids = rows["case_id"].astype(str).to_numpy()
     shard_of = np.arange(len(ids)) % n
-    return [ds.filter(expr=col("case_id").is_in(ids[shard_of == i].tolist())).materialize() for i in range(n)]
+    return [_read_by_workers(ds.filter(expr=col("case_id").is_in(ids[shard_of == i].tolist())).materialize())
+            for i in range(n)]
+
+
+def _read_by_workers(ds):
+    """``ds`` (materialised, so with a DataContext of its own) with Ray Data's progress bars off:
+    Train workers read it, where a bar per worker and dataset is noise in the driver's log. An
+    iterator runs with its dataset's DataContext, so the worker's own setting does not apply."""
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 TRAINING_SETS = ("train", "train_augmented", "pretrain")
@@ -93,6 +102,7 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
     if pretraining:
         splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)
         out["pretrain"] = _split(rows, *splits).select_columns(COLUMNS).materialize()
+    out = {name: _read_by_workers(ds) for name, ds in out.items()}
     out["shards"] = {name: class_stratified_shards(out[name], config.resources.num_workers)
                      for name in shard if name in out}
     return out
@@ -141,9 +151,6 @@ def load_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
     The shard is read once per run and kept in memory: class-balanced batches need random
     access per class, and later epochs then never wait for input.
     """
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker is noise
     volumes, labels = [], []
     for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
         volumes.append(np.asarray(batch["volume"], dtype=np.float32))

@@ -76,3 +76,31 @@ def test_sharded_train_config_gives_each_worker_its_shard(ray_local):
         assert len(fallback) == 3 and all(isinstance(o["train"], StreamSplitDataIterator) for o in fallback)
     finally:
         ray_local.kill(fallback[0]["train"]._coord_actor)
+
+
+def test_read_stage_datasets_cuts_quiet_shards_per_worker(ray_local, tmp_path):
+    from raytumor.config import load_config
+    from raytumor.train.datasets import read_stage_datasets, training_inputs
+    from tests.conftest import make_dataset
+
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(6, 6, 6), shape=(8, 8, 2), unlabelled=3)
+    config = load_config(overrides=[f"data.dataset={dataset}", "data.shape=[8,8,2]", "resources.num_workers=2",
+                                    "pretrain.use_unlabelled=true"])
+    context = ray_local.data.DataContext.get_current()
+    context.enable_progress_bars = True  # as the CLI's driver has them
+    try:
+        read = read_stage_datasets(config, augmented=False, pretraining=True)
+        assert context.enable_progress_bars is True  # the driver's own setting untouched
+    finally:
+        context.enable_progress_bars = False
+    assert sorted(read["shards"]) == ["pretrain", "train"]
+    for name, shards in read["shards"].items():
+        assert len(shards) == 2
+        shard_ids = sorted(i for shard in shards for i in ids_and_labels(shard)[0])
+        assert shard_ids == sorted(ids_and_labels(read[name])[0])
+    # Workers read these: Ray Data's progress bars are off in each dataset's own context.
+    quiet = [read["train"], read["val"], read["pretrain"], *read["shards"]["train"], *read["shards"]["pretrain"]]
+    assert not any(ds.context.enable_progress_bars for ds in quiet)
+
+    inputs = training_inputs(config, read)
+    assert inputs.train_shards is read["shards"]["train"] and inputs.n_train_rows == read["train"].count()
