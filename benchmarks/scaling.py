@@ -55,7 +55,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import import_make_dataset, machine, steady, two_decimals
+from common import import_make_dataset, machine, steady
 
 SAMPLES_PER_CLASS = 3
 TARGET_DATA_WAIT = 0.02
@@ -86,14 +86,12 @@ def driver_read(config, repeats: int) -> tuple[dict, dict]:
         started = time.perf_counter()
         datasets = read_stage_datasets(config, augmented=False, pretraining=False, shard=())
         read_s.append(time.perf_counter() - started)
-    volumes = datasets["train"].take(1)[0]["volume"]
-    rows = datasets["train"].count()
     return datasets, {
         "read_stage_datasets_s_runs": [round(x, 3) for x in read_s],
         "read_stage_datasets_s": round(statistics.median(read_s), 3),
         "first_call_s": round(read_s[0], 3),
-        "train_rows": int(rows),
-        "train_mb": round(rows * volumes.nbytes / 2**20, 2),
+        "train_rows": int(datasets["train"].count()),
+        "train_mb": round(datasets["train"].size_bytes() / 2**20, 2),
         "repeats": repeats,
     }
 
@@ -308,7 +306,6 @@ def main() -> None:
             results["prepare_s"] = round(time.perf_counter() - started, 2)
             print("read_stage_datasets ...", flush=True)
             datasets, results["driver_read"] = driver_read(config, repeats=1 if args.smoke else 3)
-            datasets.pop("shards", None)
             shared = {w: with_shards(datasets, w) for w in sorted({w for w, _ in layouts})}
             results["shard_s"] = {str(w): d.pop("shard_s") for w, d in shared.items()}
             # Each probe is a fresh process importing torch (~1-2 s): left out of the smoke run.

@@ -114,27 +114,28 @@ def _class_facts(config: RunConfig) -> tuple[int, tuple[int, ...]]:
 
 
 def training_inputs(config: RunConfig, shared: dict | None = None) -> StageInputs:
-    """``train`` (sharded; + rare-case augmented rows when asked), ``reference`` = train, ``val``."""
+    """``train`` (sharded; + rare-case augmented rows when asked), ``reference`` = train, ``val``.
+
+    ``shared`` (a sweep's) carries its shards; datasets read here get theirs cut here, in the driver.
+    """
     datasets = shared or read_stage_datasets(config, augmented=config.data.augment_rare, pretraining=False, shard=())
     name = "train_augmented" if config.data.augment_rare and "train_augmented" in datasets else "train"
-    return _stage_inputs(config, datasets, name, {"reference": datasets["train"], "val": datasets["val"]},
-                         fresh=shared is None)
+    if shared:
+        shards = shared.get("shards", {}).get(name)
+    else:
+        shards = class_stratified_shards(datasets[name], config.resources.num_workers)
+    return _stage_inputs(config, datasets[name], shards, {"reference": datasets["train"], "val": datasets["val"]})
 
 
 def pretraining_inputs(config: RunConfig, shared: dict | None = None) -> StageInputs:
     """Labelled train cases plus (optionally) the unlabelled pool; labels are not used."""
-    fresh = not (shared and "pretrain" in shared)
-    datasets = read_stage_datasets(config, augmented=False, pretraining=True, shard=()) if fresh else shared
-    return _stage_inputs(config, datasets, "pretrain", {}, fresh=fresh)
+    if shared and "pretrain" in shared:
+        return _stage_inputs(config, shared["pretrain"], shared.get("shards", {}).get("pretrain"), {})
+    pretrain = read_stage_datasets(config, augmented=False, pretraining=True, shard=())["pretrain"]
+    return _stage_inputs(config, pretrain, class_stratified_shards(pretrain, config.resources.num_workers), {})
 
 
-def _stage_inputs(config: RunConfig, datasets: dict, name: str, others: dict, *, fresh: bool) -> StageInputs:
-    """``datasets[name]`` as the stage's ``train``, with its per-worker shards: read along with the
-    datasets (a sweep's, shared), or cut here for datasets just read in this driver."""
-    train = datasets[name]
-    shards = datasets.get("shards", {}).get(name)
-    if shards is None and fresh:
-        shards = class_stratified_shards(train, config.resources.num_workers)
+def _stage_inputs(config: RunConfig, train, shards: list | None, others: dict) -> StageInputs:
     num_classes, rare = _class_facts(config)
     return StageInputs(
         datasets={"train": train, **others},

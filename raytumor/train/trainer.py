@@ -122,8 +122,8 @@ class ShardedTrainConfig(ray.train.DataConfig):
     every worker (only rank 0 reads ``reference`` and ``val``).
 
     Given pre-built shards (:func:`raytumor.train.datasets.class_stratified_shards`), no
-    ``streaming_split`` coordinator actor starts: that actor's start took ~2.4 s of a worker's
-    time to first batch here (docs/benchmarks.md, figure 4). Without shards, or with a shard
+    ``streaming_split`` coordinator actor starts: that actor's start took 1.4-3.4 s of a
+    worker's time to first batch here (docs/benchmarks.md, figure 4). Without shards, or with a shard
     count that does not match the world size, Ray Train's own ``streaming_split`` is used.
     """
 
