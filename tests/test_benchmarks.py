@@ -20,6 +20,16 @@ def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return proc
 
 
+def load_run_module():
+    """``benchmarks/run.py`` as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_train_throughput_smoke(tmp_path):
@@ -54,10 +64,25 @@ def test_preprocess_smoke(tmp_path):
     # The loop did the same work as prepare_dataset: same cases, same volumes.
     assert results["same_output"]["same_case_ids"]
     assert results["same_output"]["max_abs_volume_difference"] < 1e-5
+    # The warm round also ran the same work on two bare processes (the script checks their case
+    # count against prepare_dataset's), and the cold round did not.
+    assert "processes_s" not in side["runs"][0]
+    warm = side["runs"][1]
+    assert warm["processes_s"] > 0
+    assert warm["share_of_processes"] == pytest.approx(warm["processes_s"] / warm["prepare_s"], rel=0.03)
+    assert side["warm_rounds_meeting_target"] == int(warm["speedup"] >= 1.7)
     variants = results["variants"]
     assert variants["previous_prepare"]["seconds"] > 0 and variants["plain_ray_tasks"]["seconds"] > 0
-    assert variants["process_pool"]["seconds"] > 0
     assert [(r["batch_size"], r["blocks_per_cpu"]) for r in variants["prepare_dataset"]] == [(16, 2)]
+    # run.py's summary: rows for this run and, when present, for the paper-size one (same JSON here).
+    (tmp_path / "preprocess_full.json").write_text(out.read_text())
+    bench_run = load_run_module()
+    rows = [row for row in bench_run.summary_rows(tmp_path, ["preprocess", "preprocess_full"]) if row["figure"] == "3"]
+    warm_rows = [row for row in rows if row["name"].startswith("prepare_dataset vs single-process loop")]
+    assert len(warm_rows) == 2 and "the paper's size" in warm_rows[1]["name"]
+    assert all(row["measured"].startswith(f"{side['speedup_warm']:.2f}x") for row in warm_rows)
+    assert all(row["met"] == ("yes" if side["speedup_warm"] >= 1.7 else "no") for row in warm_rows)
+    assert sum("bare processes" in row["name"] for row in rows) == 2
 
 
 @pytest.mark.slow
@@ -91,11 +116,7 @@ def test_read_volume_smoke(tmp_path):
     assert set(allocator["processes"]) == {f"{mode}/{n}" for mode in ("glibc-default", "reuse_freed_memory") for n in (1, 2)}
     assert all(row["ms_per_case"] > 0 for row in allocator["processes"].values())
     # run.py's summary turns this JSON into figure-3 rows, the allocator one included.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "benchmarks" / "run.py")
-    bench_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_run)
+    bench_run = load_run_module()
     rows = [row for row in bench_run.summary_rows(tmp_path, ["read_volume"], smoke=True) if row["figure"] == "3"]
     assert any("reuse_freed_memory" in row["name"] and f"{allocator['speedup_alone']:.2f}x" in row["measured"]
                for row in rows)
@@ -140,3 +161,9 @@ def test_run_collects_a_summary(tmp_path):
     gpu = [row for row in summary["figures"] if row["figure"] == "7"]
     assert "not measured" in gpu[0]["measured"]
     assert "knn_scores" in proc.stdout and (tmp_path / "knn.json").is_file()
+
+
+def test_run_refuses_paper_size_with_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--paper-size-data", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--paper-size-data" in proc.stderr and "--smoke" in proc.stderr
