@@ -49,7 +49,15 @@ def test_training_steps_reuse_freed_buffers():
                              check=True)
         return float(out.stdout.strip().splitlines()[-1])
 
-    tuned, default = faults_per_step("tuned"), faults_per_step("glibc-default")
+    tuned = faults_per_step("tuned")
+    # glibc's dynamic mmap and trim thresholds sometimes settle so that its defaults reuse the
+    # heap as well (1 process in 14 had a median of 0 faults per step, the rest 1,400-3,800), so
+    # the baseline is the worst of up to three processes.
+    default = 0.0
+    for _ in range(3):
+        default = max(default, faults_per_step("glibc-default"))
+        if default > 1000:
+            break
     assert default > 1000, default
     assert tuned < default / 10, (tuned, default)
 

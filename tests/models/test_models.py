@@ -172,8 +172,13 @@ def test_channels_last_3d_and_bf16_autocast_on_cpu(name):
 
 def test_bf16_autocast_backward_on_cpu():
     model = paper_encoder(width=TINY_WIDTH)
+    # 64x64 in-plane, not SMALL's 32x32: with a 2x2 in-plane input to the last conv, torch
+    # 2.13's CPU bf16 kernel returned a non-finite weight gradient for that conv in 4 % of
+    # runs (13 of 300; 7 of 300 on one thread), with finite activations, and not the same
+    # seeds twice. At 4x4 (this shape) 0 of 1,600. Training never autocasts on the CPU
+    # (raytumor.train.steps.autocast_context); this checks the model's bf16 backward.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(SMALL))
+        out = model(torch.randn(2, 2, 64, 64, 8))
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
