@@ -370,14 +370,14 @@ def run(args, size: dict, workdir: Path) -> dict:
         }
         results["same_output"] = check_same_output(workdir / "loop-0.parquet", prepared)
         if not args.skip_variants:
-            results["variants"] = variants(dataset, settings, workdir, bench, smoke=args.smoke)
+            results["variants"] = variants(dataset, rows, settings, workdir, bench, smoke=args.smoke)
     finally:
         pool.shutdown()
         ray.shutdown()
     return results
 
 
-def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke: bool) -> dict:
+def variants(dataset: Path, rows, settings, workdir: Path, bench: Bracketed, *, smoke: bool) -> dict:
     """Where ``prepare_dataset``'s time goes, on warm workers; see the module docstring, point 3."""
     import ray
     import torch
@@ -389,7 +389,6 @@ def variants(dataset: Path, settings, workdir: Path, bench: Bracketed, *, smoke:
         "worker_import_s": None if smoke else round(worker_import_s(WORKER_IMPORTS), 2),
         "worker_import_with_monai_s": None if smoke else round(worker_import_s(WORKER_IMPORTS_WITH_MONAI), 2),
     }
-    rows = manifest_rows(dataset)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n_good = len(rows) - bench.loop_runs[0]["quarantined"]
 

@@ -119,9 +119,8 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
     else:
         row("2", "scaling 2 workers vs 1", "not measured (scaling failed or skipped)")
 
-    pp = load(json_dir, "preprocess", names_run)
-    for name in ("preprocess", PAPER_SIZE_RUN):
-        measured = load(json_dir, name, names_run)
+    preprocess_runs = {name: load(json_dir, name, names_run) for name in ("preprocess", PAPER_SIZE_RUN)}
+    for name, measured in preprocess_runs.items():
         if not measured:
             continue
         s = measured["side_by_side"]
@@ -136,8 +135,8 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
             ">= 1.7x", met(s["speedup_cold"], 1.7, True))
         row("3", f"prepare_dataset cache hit, {size}", f"{s['cache_hit_s']:.3f} s", "< 1 s",
             met(s["cache_hit_s"], 1.0, False))
-    if pp:
-        variants = pp.get("variants") or {}
+    if preprocess_runs["preprocess"]:
+        variants = preprocess_runs["preprocess"].get("variants") or {}
         for key, label in (("plain_ray_tasks", "plain Ray tasks, no Ray Data"),
                            ("previous_prepare", "previous 4-pass prepare_dataset")):
             if key in variants:
