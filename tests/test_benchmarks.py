@@ -61,6 +61,8 @@ def test_preprocess_smoke(tmp_path):
     side = results["side_by_side"]
     assert side["cases"] == 40 and len(side["runs"]) == 2  # one cold and one warm prepare_dataset
     assert side["speedup_cold"] > 0 and side["speedup_warm"] > 0 and side["cache_hit_s"] > 0
+    # The second CLI run answered from the cache (the script checks its output) in a fresh process.
+    assert len(side["cli_cache_hit_s_runs"]) == 3 and side["cli_cache_hit_s"] > side["cache_hit_s"]
     # The loop did the same work as prepare_dataset: same cases, same volumes.
     assert results["same_output"]["same_case_ids"]
     assert results["same_output"]["max_abs_volume_difference"] < 1e-5
@@ -83,6 +85,8 @@ def test_preprocess_smoke(tmp_path):
     assert all(row["measured"].startswith(f"{side['speedup_warm']:.2f}x") for row in warm_rows)
     assert all(row["met"] == ("yes" if side["speedup_warm"] >= 1.7 else "no") for row in warm_rows)
     assert sum("bare processes" in row["name"] for row in rows) == 2
+    cli_rows = [row for row in rows if row["name"].startswith("second `raytumor data prepare`")]
+    assert [row["measured"] for row in cli_rows] == [f"{side['cli_cache_hit_s']:.2f} s"] * 2
 
 
 @pytest.mark.slow

@@ -42,13 +42,12 @@ def sweep(
     from rich.table import Table
 
     from raytumor.runtime import ray_session
-    from raytumor.sweep.run import run_sweep
+    from raytumor.sweep.run import check_sweep, run_sweep
 
+    search_space, _, _ = check_sweep(space, name=name, results_dir=results_dir, resume=resume)  # before Ray starts
     target = None
     if mlflow:
-        from raytumor.sweep.space import load_search_space
-
-        target = mlflow_target(True, mlflow_uri, mlflow_experiment or name or load_search_space(space)[0].name)
+        target = mlflow_target(True, mlflow_uri, mlflow_experiment or name or search_space.name)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
         result = run_sweep(space, name=name, results_dir=results_dir, resume=resume, mlflow=target)
     board = result.leaderboard

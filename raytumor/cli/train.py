@@ -69,9 +69,13 @@ def pretrain(
     TensorBoard scalars go to <run>/tensorboard (tensorboard --logdir runs).
     """
     from raytumor.runtime import ray_session
-    from raytumor.train.trainer import run_training
+    from raytumor.train.run_dir import check_run
 
     run_config = _load(config, overrides, name, ["pretrain.enabled=true"])
+    check_run(run_config, resume=resume)  # bad input fails before Ray (and torch) load
+
+    from raytumor.train.trainer import run_training
+
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
         result = run_training(run_config, resume=resume, stages=("pretrain",), mlflow=target)
@@ -101,7 +105,7 @@ def train(
     scalars go to <run>/tensorboard (tensorboard --logdir runs); --mlflow logs to MLflow too.
     """
     from raytumor.runtime import ray_session
-    from raytumor.train.trainer import run_training
+    from raytumor.train.run_dir import check_run
 
     experiment = None
     if best or from_experiment:
@@ -114,6 +118,10 @@ def train(
         config = experiment / BEST_FILE
         typer.echo(f"training the best config of sweep {experiment.name}: {config}")
     run_config = _load(config, overrides, name, [])
+    check_run(run_config, resume=resume)  # bad input fails before Ray (and torch) load
+
+    from raytumor.train.trainer import run_training
+
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
         result = run_training(run_config, resume=resume, mlflow=target,

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
@@ -26,7 +26,9 @@ from raytumor.config import build_config, dump_config, merge
 from raytumor.errors import RaytumorError
 from raytumor.storage import atomic_write_text
 from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
-from raytumor.train.tracking import MLflowTarget
+
+if TYPE_CHECKING:
+    from raytumor.train.tracking import MLflowTarget
 
 BEST_FILE = "best.yaml"
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -167,6 +169,28 @@ def _shared_inputs(space: SearchSpace, base_tree: dict) -> dict:
     )
 
 
+def check_sweep(
+    space_path: str | os.PathLike, *, name: str | None = None, results_dir: str | None = None, resume: bool = False
+) -> tuple[SearchSpace, dict, Path]:
+    """The search space, its base config tree (absolute paths) and the experiment directory,
+    checked without Ray: the space and its fixed config load, the directory fits ``resume``,
+    the dataset has a readable manifest."""
+    from raytumor.data.manifest import read_manifest
+
+    space, base_tree = load_search_space(space_path)
+    base_tree = _absolute_paths(base_tree, space)
+    experiment_dir = _experiment_dir(space, name, results_dir)
+    if resume:
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(experiment_dir / "tune")):
+            raise RaytumorError(f"{experiment_dir}: no sweep to resume")
+    elif experiment_dir.exists():
+        raise RaytumorError(f"{experiment_dir}: sweep exists; use --resume to continue it or --name for a new one")
+    read_manifest(build_config(merge(base_tree, nest(space.fixed())), source=space.name).data.dataset)
+    return space, base_tree, experiment_dir
+
+
 def run_sweep(
     space_path: str | os.PathLike,
     *,
@@ -188,15 +212,8 @@ def run_sweep(
         from raytumor.sweep.mlflow_logger import sweep_mlflow_logger
 
         callbacks = [sweep_mlflow_logger(mlflow)]
-    space, base_tree = load_search_space(space_path)
-    base_tree = _absolute_paths(base_tree, space)
-    experiment_dir = _experiment_dir(space, name, results_dir)
+    space, base_tree, experiment_dir = check_sweep(space_path, name=name, results_dir=results_dir, resume=resume)
     tune_dir = experiment_dir / "tune"
-    if resume:
-        if not tune.Tuner.can_restore(str(tune_dir)):
-            raise RaytumorError(f"{experiment_dir}: no sweep to resume")
-    elif experiment_dir.exists():
-        raise RaytumorError(f"{experiment_dir}: sweep exists; use --resume to continue it or --name for a new one")
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(experiment_dir / "space.yaml", Path(space_path).read_text())

@@ -25,7 +25,7 @@ import pandas as pd
 import ray.train
 import torch
 
-from raytumor.config import RunConfig, dump_config
+from raytumor.config import RunConfig
 from raytumor.errors import RaytumorError
 from raytumor.storage import atomic_path, atomic_write_text
 from raytumor.train.datasets import StageInputs, pretraining_inputs, training_inputs
@@ -37,6 +37,7 @@ from raytumor.train.loops import (
     pretrain_loop_per_worker,
     train_loop_per_worker,
 )
+from raytumor.train.run_dir import PRETRAINED_BACKBONE_FILE, prepare_run_dir, resolve_pretrained
 from raytumor.train.tracking import (
     TENSORBOARD_DIR,
     MLflowCallback,
@@ -47,7 +48,6 @@ from raytumor.train.tracking import (
 )
 
 Stage = Literal["pretrain", "train"]
-PRETRAINED_BACKBONE_FILE = "pretrain_backbone.pt"
 # Copied to the MLflow run at the end (small files; the weights stay in the run directory).
 RUN_ARTIFACTS = ("config.yaml", "metrics.csv", "pretrain_metrics.csv", "summary.json")
 
@@ -165,24 +165,6 @@ def _copy_bytes(target: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> tuple[Path, bool]:
-    """The run directory, and whether an existing run is being resumed."""
-    run_dir = Path(config.output_dir) / config.name
-    if resume == "auto":
-        resume = run_dir.exists()
-    if run_dir.exists() and not resume:
-        raise RaytumorError(f"{run_dir}: run exists; use --resume to continue it or --name for a new run")
-    if resume and not run_dir.exists():
-        raise RaytumorError(f"{run_dir}: no run to resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    if resume and saved.is_file():
-        if saved.read_text() != dump_config(config):
-            raise RaytumorError(f"{saved}: the run was started with a different config; resume with the same one")
-    atomic_write_text(saved, dump_config(config))
-    return run_dir, bool(resume)
-
-
 def pretrain_key(config: RunConfig) -> str:
     """What makes two pre-trainings identical: data (by cache fingerprint), encoder, settings, seed."""
     import hashlib
@@ -240,16 +222,6 @@ def _tmp_file(data: bytes):
     import io
 
     return io.BytesIO(data)
-
-
-def resolve_pretrained(path: str) -> str:
-    """A pre-training run directory or a backbone file -> the backbone weights file."""
-    candidate = Path(path)
-    if candidate.is_dir():
-        candidate = candidate / PRETRAINED_BACKBONE_FILE
-    if not candidate.is_file():
-        raise RaytumorError(f"train.pretrained: {path}: no pre-trained backbone found (expected {PRETRAINED_BACKBONE_FILE})")
-    return str(candidate.resolve())
 
 
 def run_training(

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from raytumor import runtime
 from raytumor.cli import app, main
 from raytumor.data.manifest import read_manifest, write_manifest
 from raytumor.errors import RaytumorError
@@ -19,6 +20,10 @@ WIDE = {"COLUMNS": "250"}  # rich tables must not wrap case ids and reasons
 runner = CliRunner()
 
 DATA_COMMANDS = ["demo", "import-folder", "import-figshare", "import-unlabelled", "validate", "split", "prepare"]
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started")
 
 
 @pytest.fixture
@@ -124,6 +129,18 @@ def test_prepare_via_cli_with_blocks_per_cpu(ray_local, dataset, monkeypatch, ca
 
     code, _, err = _run_main(monkeypatch, capsys, "data", "prepare", str(dataset), "--blocks-per-cpu", "0")
     assert code == 2 and "--blocks-per-cpu" in err and "Traceback" not in err
+
+    # The second run is a cache hit, answered without starting (or joining) a Ray.
+    monkeypatch.setattr(runtime, "ray_session", _no_ray)
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "prepared 9 case(s), 0 quarantined (cache hit, nothing to do)" in result.output
+
+
+def test_prepare_of_a_missing_dataset_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "ray_session", _no_ray)
+    code, _, err = _run_main(monkeypatch, capsys, "data", "prepare", str(tmp_path / "none"), "--force")
+    assert code == 2 and err.count("\n") == 1 and "no such dataset directory" in err
 
 
 def test_split_keeps_existing_unless_force(dataset):

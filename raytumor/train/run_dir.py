@@ -1,0 +1,54 @@
+"""A run's directory and inputs, checked before Ray starts. This module imports neither torch
+nor Ray, so a bad ``raytumor train`` fails before their imports and Ray's start (seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raytumor.config import RunConfig, dump_config
+from raytumor.data.manifest import read_manifest
+from raytumor.errors import RaytumorError
+from raytumor.storage import atomic_write_text
+
+PRETRAINED_BACKBONE_FILE = "pretrain_backbone.pt"
+
+
+def _checked_run_dir(config: RunConfig, resume: bool | str) -> tuple[Path, bool]:
+    run_dir = Path(config.output_dir) / config.name
+    if resume == "auto":
+        resume = run_dir.exists()
+    if run_dir.exists() and not resume:
+        raise RaytumorError(f"{run_dir}: run exists; use --resume to continue it or --name for a new run")
+    if resume and not run_dir.exists():
+        raise RaytumorError(f"{run_dir}: no run to resume")
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file() and saved.read_text() != dump_config(config):
+        raise RaytumorError(f"{saved}: the run was started with a different config; resume with the same one")
+    return run_dir, bool(resume)
+
+
+def check_run(config: RunConfig, *, resume: bool | str) -> None:
+    """Fail now, without Ray, on what would stop the run before its first step: the run
+    directory against ``resume``, the dataset's manifest, the pre-trained backbone."""
+    _checked_run_dir(config, resume)
+    read_manifest(config.data.dataset)
+    if config.train.pretrained:
+        resolve_pretrained(config.train.pretrained)
+
+
+def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> tuple[Path, bool]:
+    """The run directory, and whether an existing run is being resumed."""
+    run_dir, resuming = _checked_run_dir(config, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    return run_dir, resuming
+
+
+def resolve_pretrained(path: str) -> str:
+    """A pre-training run directory or a backbone file -> the backbone weights file."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / PRETRAINED_BACKBONE_FILE
+    if not candidate.is_file():
+        raise RaytumorError(f"train.pretrained: {path}: no pre-trained backbone found (expected {PRETRAINED_BACKBONE_FILE})")
+    return str(candidate.resolve())

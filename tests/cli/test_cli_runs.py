@@ -1,0 +1,70 @@
+"""``raytumor train / pretrain / sweep``: bad input is a one-line error before Ray starts."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from raytumor import runtime
+from raytumor.cli import main
+from tests.conftest import make_dataset
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started")
+
+
+def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The real entry point in-process, with Ray forbidden: its exit code and stderr."""
+    monkeypatch.setattr(runtime, "ray_session", _no_ray)
+    monkeypatch.setattr(sys, "argv", ["raytumor", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "ds", n_per_class=(3, 3, 3), shape=(8, 8, 4))
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_training_on_a_missing_dataset_fails_before_ray_starts(command, tmp_path, monkeypatch, capsys):
+    code, err = _run_main(monkeypatch, capsys, command, "--set", f"data.dataset={tmp_path / 'none'}",
+                          "--set", f"output_dir={tmp_path / 'runs'}")
+    assert code == 2 and err.count("\n") == 1 and "no such dataset directory" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_training_checks_the_run_directory_and_backbone_before_ray_starts(dataset, tmp_path, monkeypatch, capsys):
+    base = ["--set", f"data.dataset={dataset}", "--set", f"output_dir={tmp_path / 'runs'}", "--name", "r1"]
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    code, err = _run_main(monkeypatch, capsys, "train", *base)
+    assert code == 2 and err.count("\n") == 1 and "run exists; use --resume" in err
+    code, err = _run_main(monkeypatch, capsys, "train", *base[:-1], "r2", "--resume")
+    assert code == 2 and "no run to resume" in err
+    code, err = _run_main(monkeypatch, capsys, "train", *base[:-1], "r2", "--set", f"train.pretrained={tmp_path}")
+    assert code == 2 and err.count("\n") == 1 and "no pre-trained backbone found" in err
+    assert not (tmp_path / "runs" / "r2").exists()
+
+
+def test_sweep_checks_space_experiment_and_dataset_before_ray_starts(dataset, tmp_path, monkeypatch, capsys):
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(tmp_path / "none.yaml"))
+    assert code == 2 and err.count("\n") == 1 and "search-space file does not exist" in err
+
+    space = {"name": "tiny", "dataset": str(tmp_path / "none"), "results_dir": str(tmp_path / "results"),
+             "parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(path))
+    assert code == 2 and err.count("\n") == 1 and "no such dataset directory" in err
+
+    path.write_text(yaml.safe_dump({**space, "dataset": str(dataset)}))
+    (tmp_path / "results" / "tiny").mkdir(parents=True)
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(path))
+    assert code == 2 and err.count("\n") == 1 and "sweep exists; use --resume" in err
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(path), "--name", "other", "--resume")
+    assert code == 2 and "no sweep to resume" in err
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["tiny"]
