@@ -36,8 +36,8 @@ def steady(history: list[dict]) -> tuple[float, float]:
 def import_make_dataset():
     """``tests.conftest.make_dataset``, without keeping the env defaults conftest sets for the tests.
 
-    conftest shortens Ray Train's health-check interval (which shortens teardown); the wall
-    times here should be those of a plain ``raytumor train``.
+    conftest sets environment defaults for the tests; the scripts set their own, as
+    ``raytumor`` does (``raytumor.runtime.train_env_vars``).
     """
     saved = dict(os.environ)
     if str(REPO_ROOT) not in sys.path:

@@ -104,6 +104,12 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
         if "in_loop_ratio_ray_task_over_plain" in overhead:
             row("1", "plain loop in a 1-CPU Ray task / plain loop (no Ray Train)",
                 f"{overhead['in_loop_ratio_ray_task_over_plain']:.3f}", "report")
+        poll = overhead.get("controller_poll")
+        if poll:
+            walls = poll["fit_wall_s"]
+            row("1", "whole fit, Ray Train's controller poll at Ray's 2 s vs raytumor's 0.5 s",
+                f"{walls['ray_default']:.2f} vs {walls['raytumor']:.2f} s (median of {poll['pairs']}; "
+                f"{poll['saved_per_fit_s']:.2f} s saved per fit)", "report")
     else:
         row("1", "Ray Train 1 worker / plain loop", "not measured (train_throughput failed or skipped)")
     for step in (tt or {}).get("step_throughput", []):

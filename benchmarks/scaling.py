@@ -270,12 +270,12 @@ def main() -> None:
     os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another job's cluster
     os.environ["RAY_worker_niceness"] = "0"  # as raytumor's embedded Ray (raytumor.runtime.ray_session)
     make_dataset = import_make_dataset()
-    if args.smoke:  # shorter Ray Train teardown (as the tests run it); not for the figures
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
 
     from raytumor.config import load_config
-    from raytumor.runtime import EMBEDDED_RUNTIME_ENV
+    from raytumor.runtime import EMBEDDED_RUNTIME_ENV, train_env_vars
+
+    train_env_vars()  # Ray Train's settings as raytumor's embedded Ray has them
     from raytumor.train.datasets import ensure_prepared
 
     results = {"machine": machine(), "settings": {**size, "seed": args.seed, "fit_timeout_s": args.fit_timeout}}

@@ -48,8 +48,9 @@ hook): without it, on a machine running other Ray instances, Ray Train's placeme
 cleaner fails and every trial ASHA stops leaks its worker's CPU, which hangs the sweep on 2 CPUs.
 ``placement_groups_left_after`` counts what a sweep left behind (0 expected).
 
-``--smoke`` (2 trials x 2 epochs per strategy, 2 pre-training trials) only checks that the script
-runs; it also sets ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5`` (shorter teardown) as the tests do.
+Ray Train runs with raytumor's settings (``raytumor.runtime.train_env_vars``: the controller
+polls every 0.5 s). ``--smoke`` (2 trials x 2 epochs per strategy, 2 pre-training trials) only
+checks that the script runs.
 
     python benchmarks/sweep_efficiency.py [--json results.json] [--smoke]
 """
@@ -318,12 +319,13 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet ray.init starts
-    if args.smoke:  # shorter Ray Train teardown (as the tests run it); not for the figures
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another job's cluster
     import ray
 
     from raytumor.config import build_config
+    from raytumor.runtime import train_env_vars
+
+    train_env_vars()  # Ray Train's settings as raytumor's embedded Ray has them
     from raytumor.train.datasets import ensure_prepared
 
     results = {"machine": machine(), "settings": {**size, "seed": args.seed, "worker_niceness": args.worker_niceness,

@@ -24,7 +24,9 @@
    ``--rounds`` Ray fits alternate with plain runs (P R P R ... P); each is compared with the
    plain runs around it and the median ratio is the figure. The plain loop also runs inside
    a 1-CPU Ray task (no Ray Train) between two plain runs: that splits the overhead into "a
-   Ray worker process" and "Ray Train's machinery".
+   Ray worker process" and "Ray Train's machinery". Ray Train runs with raytumor's settings
+   (``raytumor.runtime.train_env_vars``); ``--poll-pairs`` more fits then alternate Ray
+   Train's default controller poll (2 s) with raytumor's (0.5 s): the whole-fit time each.
 
     python benchmarks/train_throughput.py [--json results.json] [--full-batch] [--smoke]
 """
@@ -174,11 +176,42 @@ def ray_training(config, inputs, run_dir: Path, steps_per_epoch: int) -> dict:
     return {"history": history, "wall_s": wall}
 
 
+RAY_DEFAULT_POLL_S = "2.0"  # ray.train.v2._internal.constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
+
+
+def poll_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: int) -> dict:
+    """Whole ``fit`` wall time at Ray Train's default controller poll (2 s) and at raytumor's
+    (``raytumor.runtime.TRAIN_ENV_DEFAULTS``), alternating. The setting travels from this
+    process to each fit's controller, so it can change between fits of one Ray."""
+    from raytumor.runtime import TRAIN_ENV_DEFAULTS
+
+    name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    ours, before = TRAIN_ENV_DEFAULTS[name], os.environ.get(name)
+    walls: dict[str, list[float]] = {RAY_DEFAULT_POLL_S: [], ours: []}
+    try:
+        for pair in range(pairs):
+            for value in (RAY_DEFAULT_POLL_S, ours):
+                os.environ[name] = value
+                run = ray_training(config, inputs, workdir / "runs" / f"poll-{value}-{pair}", steps_per_epoch)
+                walls[value].append(round(run["wall_s"], 2))
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    default_s, ours_s = statistics.median(walls[RAY_DEFAULT_POLL_S]), statistics.median(walls[ours])
+    return {"pairs": pairs, "poll_s": {"ray_default": RAY_DEFAULT_POLL_S, "raytumor": ours},
+            "fit_wall_s_runs": {"ray_default": walls[RAY_DEFAULT_POLL_S], "raytumor": walls[ours]},
+            "fit_wall_s": {"ray_default": default_s, "raytumor": ours_s},
+            "saved_per_fit_s": round(default_s - ours_s, 2)}
+
+
 def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: int, cases_per_class: int,
-                 workdir: Path, worker_niceness: int, rounds: int = 3, seed: int = 0) -> dict:
+                 workdir: Path, worker_niceness: int, rounds: int = 3, poll_pairs: int = 0, seed: int = 0) -> dict:
     import ray
 
     from raytumor.config import load_config
+    from raytumor.runtime import train_env_vars
     from raytumor.train.datasets import training_inputs
 
     n_classes = math.ceil(batch / SAMPLES_PER_CLASS)
@@ -193,6 +226,7 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
     ])
 
     os.environ["RAY_worker_niceness"] = str(worker_niceness)  # read by the raylet ray.init starts
+    train_env_vars()  # Ray Train's settings as raytumor's embedded Ray has them
     started = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     init_s = time.perf_counter() - started
@@ -225,6 +259,7 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
                 plains.append(plain_training(config, inputs, steps_per_epoch))
             in_ray_task = ray.get(plain_in_actor.remote(config, inputs, steps_per_epoch))
             plains.append(plain_training(config, inputs, steps_per_epoch))
+            polls = poll_comparison(config, inputs, workdir, steps_per_epoch, poll_pairs) if poll_pairs else None
     finally:
         ray.shutdown()
 
@@ -275,6 +310,7 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
         "ray_epochs": under_ray["history"],
         "plain_epochs": plains[0]["history"],
         "ray_train_health_check_interval_s": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "default"),
+        "controller_poll": polls,
     }
 
 
@@ -315,6 +351,13 @@ def print_report(results: dict) -> None:
         print(f"   plain runs: {o['plain_in_loop_samples_per_s_runs']} samples/s, "
               f"{o['plain_wall_s_runs']} s; Ray fixed cost {o['ray_fixed_cost_s']:.1f} s; "
               f"ray.init {o['ray_init_s']:.1f} s, prepare + read datasets {o['prepare_and_read_datasets_s']:.1f} s")
+        poll = o.get("controller_poll")
+        if poll:
+            walls, runs = poll["fit_wall_s"], poll["fit_wall_s_runs"]
+            print(f"   whole fit, Ray Train's controller polling every {poll['poll_s']['ray_default']} s (Ray's default) vs "
+                  f"{poll['poll_s']['raytumor']} s (raytumor's), alternating: {walls['ray_default']:.2f} s "
+                  f"{runs['ray_default']} vs {walls['raytumor']:.2f} s {runs['raytumor']}; "
+                  f"{poll['saved_per_fit_s']:.2f} s saved per fit")
 
 
 def main() -> None:
@@ -332,6 +375,8 @@ def main() -> None:
     parser.add_argument("--ray-batch", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="Ray Train fits, each between two plain runs")
+    parser.add_argument("--poll-pairs", type=int, default=3,
+                        help="fit pairs at Ray Train's default controller poll (2 s) and raytumor's (0.5 s); 0 = skip")
     parser.add_argument("--steps-per-epoch", type=int, default=10)
     parser.add_argument("--cases-per-class", type=int, default=6,
                         help="synthetic cases per class (70%% go to train; a class needs >= 2 there)")
@@ -350,7 +395,7 @@ def main() -> None:
     cases = [(DEMO_SHAPE, 0.25, 30)]
     if args.smoke:
         args.min_seconds, args.ray_shape, args.ray_batch = 0.0, [16, 16, 4], 12
-        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds = 2, 2, 5, 1
+        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds, args.poll_pairs = 2, 2, 5, 1, 1
     else:
         cases.append((DEMO_SHAPE, 1.0, 30))
         if not args.skip_full_shape:
@@ -369,7 +414,8 @@ def main() -> None:
             workdir = Path(tmp)
             results["ray_overhead"] = ray_overhead(tuple(args.ray_shape), args.ray_width, args.ray_batch, args.epochs,
                                                    args.steps_per_epoch, args.cases_per_class, workdir,
-                                                   args.worker_niceness, rounds=args.rounds)
+                                                   args.worker_niceness, rounds=args.rounds,
+                                                   poll_pairs=args.poll_pairs)
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

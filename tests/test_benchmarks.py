@@ -48,6 +48,13 @@ def test_train_throughput_smoke(tmp_path):
     assert overhead["in_loop_ratio_ray_over_plain"] > 0 and overhead["ray_wall_s"] > 0
     assert len(overhead["in_loop_ratio_runs"]) == overhead["rounds"] == 1
     assert overhead["in_loop_ratio_ray_task_over_plain"] > 0
+    # One fit at Ray's default controller poll and one at raytumor's, their settings as asked.
+    poll = overhead["controller_poll"]
+    assert poll["poll_s"] == {"ray_default": "2.0", "raytumor": "0.5"} and overhead["ray_train_health_check_interval_s"] == "0.5"
+    assert [len(runs) for runs in poll["fit_wall_s_runs"].values()] == [1, 1] and min(poll["fit_wall_s"].values()) > 0
+    (tmp_path / "train_throughput.json").write_text(out.read_text())
+    rows = [row for row in load_run_module().summary_rows(tmp_path, ["train_throughput"]) if "controller poll" in row["name"]]
+    assert len(rows) == 1 and f"{poll['saved_per_fit_s']:.2f} s saved" in rows[0]["measured"]
 
 
 @pytest.mark.slow

@@ -74,3 +74,23 @@ def test_reuse_freed_memory_is_a_no_op_without_glibc(monkeypatch):
     monkeypatch.setattr(runtime, "_allocator_tuned", False)
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert runtime.reuse_freed_memory() is False
+
+
+def test_ray_session_gives_a_cluster_job_the_train_settings(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    with runtime.ray_session("ray://head:10001", announce=False):
+        pass
+    assert calls[0]["address"] == "ray://head:10001"
+    assert calls[0]["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}
+    # This process's own fits pass it on to their controllers, too.
+    assert runtime.os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's setting wins
+    with runtime.ray_session("ray://head:10001", announce=False):
+        pass
+    assert calls[1]["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}}

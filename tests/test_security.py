@@ -35,7 +35,7 @@ WIDE = {"COLUMNS": "250"}  # rich must not wrap (and so split) a marker across l
 # ---------------------------------------------------------------- the dashboard of an embedded Ray
 
 EMBEDDED_RAY_SCRIPT = r"""
-import json, sys, urllib.error, urllib.request
+import json, os, sys, urllib.error, urllib.request
 from pathlib import Path
 
 import ray  # puts ray/thirdparty_files (psutil) on sys.path
@@ -65,6 +65,7 @@ with ray_session(num_cpus=1, dashboard=True, announce=False):
     out["no_token"] = get(port, {})
     out["wrong_token"] = get(port, {"Authorization": "Bearer not-the-token"})
     out["token"] = get(port, {"Authorization": f"Bearer {token}"})
+    out["worker_env"] = ray.get(ray.remote(lambda: os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")).remote())
 print("RESULT " + json.dumps(out))
 """
 
@@ -74,7 +75,8 @@ def embedded_ray_with_token():
     """What an embedded Ray (``ray_session``) with ``RAY_AUTH_MODE=token`` exposes on the network."""
     scratch = Path(tempfile.mkdtemp(prefix="rts", dir="/tmp"))  # short: Ray's socket paths live under it
     (scratch / "home").mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     env.update(RAY_AUTH_MODE="token", HOME=str(scratch / "home"), RAY_TMPDIR=str(scratch / "ray"))
     try:
         proc = subprocess.run([sys.executable, "-c", EMBEDDED_RAY_SCRIPT], env=env, cwd=REPO, capture_output=True,
@@ -92,6 +94,13 @@ def test_embedded_dashboard_listens_on_loopback_only(embedded_ray_with_token):
     result = embedded_ray_with_token
     assert result["dashboard_url"].startswith("127.0.0.1:")
     assert result["listening_on"] == ["127.0.0.1"]  # not 0.0.0.0, not ::, not the host's address
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_embedded_ray_workers_get_raytumors_train_settings(embedded_ray_with_token):
+    # Ray Train's controller polls every 0.5 s instead of Ray's 2 s (a shorter fit teardown).
+    assert embedded_ray_with_token["worker_env"] == "0.5"
 
 
 @pytest.mark.ray
