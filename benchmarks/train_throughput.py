@@ -395,7 +395,7 @@ def main() -> None:
     cases = [(DEMO_SHAPE, 0.25, 30)]
     if args.smoke:
         args.min_seconds, args.ray_shape, args.ray_batch = 0.0, [16, 16, 4], 12
-        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds, args.poll_pairs = 2, 2, 5, 1, 1
+        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds, args.poll_pairs = 2, 2, 5, 1, 0
     else:
         cases.append((DEMO_SHAPE, 1.0, 30))
         if not args.skip_full_shape:

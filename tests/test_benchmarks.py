@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +21,20 @@ def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return proc
 
 
-def load_run_module():
-    """``benchmarks/run.py`` as a module (benchmarks/ is not a package)."""
+def load_benchmark_module(name: str = "run"):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package; its scripts import ``common``)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "benchmarks" / "run.py")
+    if str(REPO_ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_run_module():
+    return load_benchmark_module("run")
 
 
 @pytest.mark.slow
@@ -48,13 +55,31 @@ def test_train_throughput_smoke(tmp_path):
     assert overhead["in_loop_ratio_ray_over_plain"] > 0 and overhead["ray_wall_s"] > 0
     assert len(overhead["in_loop_ratio_runs"]) == overhead["rounds"] == 1
     assert overhead["in_loop_ratio_ray_task_over_plain"] > 0
-    # One fit at Ray's default controller poll and one at raytumor's, their settings as asked.
-    poll = overhead["controller_poll"]
-    assert poll["poll_s"] == {"ray_default": "2.0", "raytumor": "0.5"} and overhead["ray_train_health_check_interval_s"] == "0.5"
-    assert [len(runs) for runs in poll["fit_wall_s_runs"].values()] == [1, 1] and min(poll["fit_wall_s"].values()) > 0
-    (tmp_path / "train_throughput.json").write_text(out.read_text())
+    # Ray Train ran with raytumor's settings; the poll comparison is left out of the smoke run
+    # (two more fits) and tested below without Ray.
+    assert overhead["ray_train_health_check_interval_s"] == "0.5" and overhead["controller_poll"] is None
+
+
+def test_poll_comparison_alternates_the_controller_poll(tmp_path, monkeypatch):
+    train_throughput = load_benchmark_module("train_throughput")
+    seen = []
+
+    def fake_fit(config, inputs, run_dir, steps_per_epoch):
+        value = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+        seen.append((value, run_dir.name))
+        return {"wall_s": {"2.0": 16.0, "0.5": 12.0}[value] + len(seen) / 100}
+
+    monkeypatch.setattr(train_throughput, "ray_training", fake_fit)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    poll = train_throughput.poll_comparison(None, None, tmp_path, 2, pairs=2)
+    assert [value for value, _ in seen] == ["2.0", "0.5", "2.0", "0.5"]
+    assert len({run for _, run in seen}) == 4  # a fresh run directory per fit (a reused one resumes)
+    assert poll["fit_wall_s_runs"] == {"ray_default": [16.01, 16.03], "raytumor": [12.02, 12.04]}
+    assert poll["saved_per_fit_s"] == 3.99 and os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    (tmp_path / "train_throughput.json").write_text(json.dumps({"ray_overhead": {
+        "in_loop_ratio_ray_over_plain": 1.0, "ray_fixed_cost_s": 11.0, "controller_poll": poll}}))
     rows = [row for row in load_run_module().summary_rows(tmp_path, ["train_throughput"]) if "controller poll" in row["name"]]
-    assert len(rows) == 1 and f"{poll['saved_per_fit_s']:.2f} s saved" in rows[0]["measured"]
+    assert len(rows) == 1 and rows[0]["measured"] == "16.02 vs 12.03 s (median of 2; 3.99 s saved per fit)"
 
 
 @pytest.mark.slow
