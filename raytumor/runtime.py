@@ -75,6 +75,21 @@ def train_env_vars() -> dict[str, str]:
     return {name: os.environ[name] for name in TRAIN_ENV_DEFAULTS}
 
 
+def check_dashboard_for_sweep(address: str | None, dashboard: bool) -> None:
+    """Refuse a sweep on an embedded Ray without its dashboard.
+
+    The dashboard serves Ray's state API, through which Ray Train's placement-group cleaner
+    frees the workers of a trial the scheduler stopped. Without it they stay reserved: a
+    6-trial ASHA sweep on 2 CPUs stalled after its first early stops (docs/benchmarks.md,
+    figure 6). A cluster (``address`` or ``RAY_ADDRESS``) has its own dashboard.
+    """
+    from raytumor.errors import ConfigError
+
+    if not dashboard and not (address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("--no-dashboard: a sweep needs the Ray dashboard, whose state API lets Ray Train free the "
+                          "workers of stopped trials (without it the sweep stalls); it listens on 127.0.0.1 only")
+
+
 @contextlib.contextmanager
 def ray_session(
     address: str | None = None,

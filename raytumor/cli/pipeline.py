@@ -28,7 +28,8 @@ def demo(
     data_only: bool = typer.Option(False, "--data-only", help="Stop after preprocessing and augmentation."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded Ray."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the embedded Ray (default: all)."),
-    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray)."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded "
+                                   "Ray); the sweep needs it, so --no-dashboard goes with --data-only only."),
     mlflow: bool = typer.Option(False, "--mlflow/--no-mlflow", help="Log the sweep's trials and the final training "
                                 "to MLflow (needs the 'mlflow' extra)."),
     mlflow_uri: Optional[str] = MlflowUriOpt,
@@ -45,9 +46,11 @@ def demo(
     from raytumor.data.preprocess import PrepareSettings, prepare_dataset
     from raytumor.data.rare_cases import augment_rare_cases
     from raytumor.data.validate import validate_dataset
-    from raytumor.runtime import ray_session
+    from raytumor.runtime import check_dashboard_for_sweep, ray_session
     from raytumor.sweep.space import load_search_space, nest
 
+    if not data_only:
+        check_dashboard_for_sweep(address, dashboard)
     console = Console()
     target = mlflow_target(mlflow, mlflow_uri, "raytumor-demo")
     dataset = directory / "data"

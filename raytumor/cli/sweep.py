@@ -24,7 +24,8 @@ def sweep(
                                               "'results'); a shared path on a cluster."),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: embedded Ray."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the embedded Ray (default: all)."),
-    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray)."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded "
+                                   "Ray); a sweep needs it (Ray Train frees stopped trials' workers through it)."),
     mlflow: bool = typer.Option(False, "--mlflow/--no-mlflow", help="Also log every trial to MLflow through Ray Tune's "
                                 "MLflow logger (needs the 'mlflow' extra); fixed when the sweep starts."),
     mlflow_uri: Optional[str] = MlflowUriOpt,
@@ -41,9 +42,10 @@ def sweep(
     from rich.console import Console
     from rich.table import Table
 
-    from raytumor.runtime import ray_session
+    from raytumor.runtime import check_dashboard_for_sweep, ray_session
     from raytumor.sweep.run import check_sweep, run_sweep
 
+    check_dashboard_for_sweep(address, dashboard)
     search_space, _, _ = check_sweep(space, name=name, results_dir=results_dir, resume=resume)  # before Ray starts
     target = None
     if mlflow:

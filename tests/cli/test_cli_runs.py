@@ -68,3 +68,19 @@ def test_sweep_checks_space_experiment_and_dataset_before_ray_starts(dataset, tm
     code, err = _run_main(monkeypatch, capsys, "sweep", str(path), "--name", "other", "--resume")
     assert code == 2 and "no sweep to resume" in err
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["tiny"]
+
+
+def test_sweeps_on_an_embedded_ray_refuse_no_dashboard(tmp_path, monkeypatch, capsys):
+    # Without the dashboard's state API, Ray Train cannot free a stopped trial's workers and
+    # the sweep stalls, so the option is refused before anything runs.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    missing = str(tmp_path / "none.yaml")
+    for args in (["sweep", missing, "--no-dashboard"], ["demo", "--dir", str(tmp_path / "d"), "--no-dashboard"]):
+        code, err = _run_main(monkeypatch, capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and "--no-dashboard: a sweep needs the Ray dashboard" in err
+    assert not (tmp_path / "d").exists()
+    # A cluster has its own dashboard, and --data-only runs no sweep: the next check speaks.
+    for args in (["sweep", missing, "--no-dashboard", "--address", "ray://head:10001"],
+                 ["demo", "--dir", str(tmp_path / "d"), "--space", missing, "--no-dashboard", "--data-only"]):
+        code, err = _run_main(monkeypatch, capsys, *args)
+        assert code == 2 and "search-space file does not exist" in err
