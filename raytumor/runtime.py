@@ -75,6 +75,11 @@ def train_env_vars() -> dict[str, str]:
     return {name: os.environ[name] for name in TRAIN_ENV_DEFAULTS}
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to join: ``address``, else ``RAY_ADDRESS``; None means an embedded Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def check_dashboard_for_sweep(address: str | None, dashboard: bool) -> None:
     """Refuse a sweep on an embedded Ray without its dashboard.
 
@@ -85,7 +90,7 @@ def check_dashboard_for_sweep(address: str | None, dashboard: bool) -> None:
     """
     from raytumor.errors import ConfigError
 
-    if not dashboard and not (address or os.environ.get("RAY_ADDRESS")):
+    if not dashboard and not cluster_address(address):
         raise ConfigError("--no-dashboard: a sweep needs the Ray dashboard, whose state API lets Ray Train free the "
                           "workers of stopped trials (without it the sweep stalls); it listens on 127.0.0.1 only")
 
@@ -115,7 +120,7 @@ def ray_session(
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
                  runtime_env={"env_vars": env_vars})

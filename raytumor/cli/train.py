@@ -69,7 +69,7 @@ def pretrain(
     TensorBoard scalars go to <run>/tensorboard (tensorboard --logdir runs).
     """
     from raytumor.runtime import ray_session
-    from raytumor.train.run_dir import check_run
+    from raytumor.train.run_dir import PRETRAINED_BACKBONE_FILE, check_run
 
     run_config = _load(config, overrides, name, ["pretrain.enabled=true"])
     check_run(run_config, resume=resume)  # bad input fails before Ray (and torch) load
@@ -79,7 +79,7 @@ def pretrain(
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
     with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
         result = run_training(run_config, resume=resume, stages=("pretrain",), mlflow=target)
-    typer.echo(f"pre-training finished: backbone in {result.run_dir / 'pretrain_backbone.pt'}; "
+    typer.echo(f"pre-training finished: backbone in {result.run_dir / PRETRAINED_BACKBONE_FILE}; "
                f"use it with --set train.pretrained={result.run_dir}")
 
 

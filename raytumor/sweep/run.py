@@ -187,7 +187,7 @@ def check_sweep(
             raise RaytumorError(f"{experiment_dir}: no sweep to resume")
     elif experiment_dir.exists():
         raise RaytumorError(f"{experiment_dir}: sweep exists; use --resume to continue it or --name for a new one")
-    read_manifest(build_config(merge(base_tree, nest(space.fixed())), source=space.name).data.dataset)
+    read_manifest(base_tree["data"]["dataset"])  # made absolute above, from the fixed config
     return space, base_tree, experiment_dir
 
 
