@@ -40,6 +40,12 @@ and after it. Figures:
    (measured in fresh Python processes). The loop's own time is split into read + check,
    reorient, resize + normalise, and Parquet write, with its CPU seconds.
 
+4. Reading the cache, as every training run, pre-training and sweep starts (a driver's
+   ``read_stage_datasets``): ``read_shards(cache).materialize()`` as raytumor reads it (Ray
+   Data's V1 Parquet reader up to 64 files, V2 with one footer actor above) vs Ray Data's
+   default (V2, which starts a pool of 32 footer-reading actors at every read), alternating,
+   ``--read-pairs`` pairs (3; 1 in a smoke run): seconds and the whole machine's CPU seconds.
+
 The loop's output is checked against the cache ``prepare_dataset`` wrote (same case ids, same
 volumes), so both sides did the same work.
 
@@ -374,12 +380,67 @@ def run(args, size: dict, workdir: Path) -> dict:
             "quarantined": loops[0]["quarantined"],
         }
         results["same_output"] = check_same_output(workdir / "loop-0.parquet", prepared)
+        print(f"reading the cache, raytumor's reader vs Ray Data's default, {args.read_pairs} pair(s) ...", flush=True)
+        results["cache_read"] = cache_read(prepared.shards, args.read_pairs)
         if not args.skip_variants:
             results["variants"] = variants(dataset, rows, settings, workdir, bench, smoke=args.smoke)
     finally:
         pool.shutdown()
         ray.shutdown()
     return results
+
+
+def machine_busy_cpu_s() -> float | None:
+    """CPU seconds every process on the machine has used since boot (Linux), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cache_read(shards: Path, pairs: int) -> dict:
+    """``read_shards(shards).materialize()`` as raytumor reads, vs with Ray Data's default
+    reader (set through the environment variables ``read_shards`` leaves to the user), alternating."""
+    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
+
+    from raytumor.data.preprocess import FOOTER_READERS_ENV, USE_V2_ENV, read_shards
+
+    ray_default = {USE_V2_ENV: "1", FOOTER_READERS_ENV: str(footer_file_indexer._DEFAULT_NUM_ACTORS)}
+
+    def read(env: dict) -> dict:
+        saved = {k: os.environ.get(k) for k in (USE_V2_ENV, FOOTER_READERS_ENV)}
+        os.environ.update(env)
+        try:
+            busy, started = machine_busy_cpu_s(), time.perf_counter()
+            n_rows = read_shards(shards).materialize().count()
+            seconds, busy_after = time.perf_counter() - started, machine_busy_cpu_s()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        cpu = None if busy is None else round(busy_after - busy, 2)
+        return {"seconds": round(seconds, 3), "machine_cpu_s": cpu, "rows": n_rows}
+
+    runs = {"ray_default": [], "raytumor": []}
+    for _ in range(pairs):
+        runs["ray_default"].append(read(ray_default))
+        runs["raytumor"].append(read({}))
+    rows = {r["rows"] for side in runs.values() for r in side}
+    assert len(rows) == 1, f"the two readers read different row counts: {rows}"
+
+    def median(side: str, key: str):
+        values = [r[key] for r in runs[side] if r[key] is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    seconds = {side: median(side, "seconds") for side in runs}
+    return {"files": sum(1 for _ in Path(shards).glob("*.parquet")), "rows": rows.pop(), "pairs": pairs,
+            "ray_default_env": ray_default, "runs": runs, "seconds": seconds,
+            "machine_cpu_s": {side: median(side, "machine_cpu_s") for side in runs},
+            "speedup": round(seconds["ray_default"] / seconds["raytumor"], 2)}
 
 
 def cli_cache_hit_s(dataset: Path, settings) -> float:
@@ -466,6 +527,11 @@ def print_report(results: dict) -> None:
     print(f"   loop: {lp['cases_per_s']:.0f} cases/s, {lp['wall_s_per_case_ms']:.1f} ms wall and "
           f"{lp['cpu_s_per_case_ms']:.1f} ms CPU per case; read + check {lp['read_check_s']:.2f} s, reorient "
           f"{lp['reorient_s']:.2f} s, resize + normalise {lp['resize_normalise_s']:.2f} s, Parquet write {lp['write_s']:.2f} s")
+    r = results["cache_read"]
+    print(f"   reading the cache ({r['files']} files, {r['rows']} rows): {r['seconds']['raytumor']:.2f} s "
+          f"({two_decimals(r['machine_cpu_s']['raytumor'])} CPU-s) vs {r['seconds']['ray_default']:.2f} s "
+          f"({two_decimals(r['machine_cpu_s']['ray_default'])} CPU-s) with Ray Data's default reader: "
+          f"{r['speedup']:.2f}x (median of {r['pairs']})")
     same = results["same_output"]
     print(f"   same output: case ids {same['same_case_ids']}, largest volume difference {same['max_abs_volume_difference']:.2e}")
     v = results.get("variants")
@@ -497,6 +563,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 8], metavar=("X", "Y", "Z"), help="prepared shape")
     parser.add_argument("--rounds", type=int, help="warm prepare_dataset calls (default 5)")
     parser.add_argument("--skip-variants", action="store_true", help="leave out the where-the-time-goes part")
+    parser.add_argument("--read-pairs", type=int, help="cache reads per reader, alternating (default 3; smoke 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the temp dataset goes (default: system temp dir)")
     parser.add_argument("--data", type=Path, help="use the demo dataset in this directory, or write it there and "
@@ -508,6 +575,7 @@ def main() -> None:
         parser.error("--smoke and --full exclude each other")
     size = dict(SIZES["smoke" if args.smoke else "full" if args.full else "default"])
     args.skip_variants = args.skip_variants or args.full
+    args.read_pairs = args.read_pairs or (1 if args.smoke else 3)
     size.update({k: v for k, v in (("scale", args.scale), ("cases", args.cases), ("rounds", args.rounds),
                                    ("raw_shape", tuple(args.raw_shape) if args.raw_shape else None)) if v})
 

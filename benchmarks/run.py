@@ -180,6 +180,12 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
                 f"{split['fit_wall_s'][0]:.1f} vs {split['fit_wall_s'][1]:.1f} s", "report")
     else:
         row("4", "data wait and time to first batch", "not measured (scaling failed or skipped)")
+    for name, measured in preprocess_runs.items():
+        read = (measured or {}).get("cache_read")
+        if read:
+            row("4", f"reading the prepared cache in the driver, {read['rows']:,} rows in {read['files']} files: "
+                f"raytumor vs Ray Data's default reader", f"{read['seconds']['raytumor']:.2f} vs "
+                f"{read['seconds']['ray_default']:.2f} s ({read['speedup']:.2f}x, median of {read['pairs']})", "report")
 
     knn = load(json_dir, "knn", names_run)
     if knn:

@@ -119,6 +119,13 @@ def test_preprocess_smoke(tmp_path):
     assert sum("bare processes" in row["name"] for row in rows) == 2
     cli_rows = [row for row in rows if row["name"].startswith("second `raytumor data prepare`")]
     assert [row["measured"] for row in cli_rows] == [f"{side['cli_cache_hit_s']:.2f} s"] * 2
+    # Reading the cache both ways, the same rows; and its figure-4 row.
+    read = results["cache_read"]
+    assert read["rows"] == 40 and read["pairs"] == 1 and 1 <= read["files"] <= 64
+    assert read["runs"]["ray_default"][0]["rows"] == read["runs"]["raytumor"][0]["rows"] == 40
+    assert read["seconds"]["raytumor"] > 0 and read["speedup"] == round(read["seconds"]["ray_default"] / read["seconds"]["raytumor"], 2)
+    read_rows = [row for row in bench_run.summary_rows(tmp_path, ["preprocess"]) if "reading the prepared cache" in row["name"]]
+    assert len(read_rows) == 1 and read_rows[0]["figure"] == "4" and f"({read['speedup']:.2f}x" in read_rows[0]["measured"]
 
 
 @pytest.mark.slow

@@ -207,6 +207,39 @@ def find_prepared(dataset_dir: str | os.PathLike, settings: PrepareSettings) -> 
     return load_prepared(path) if (path / META_FILE).is_file() else None
 
 
+# Ray Data's V2 Parquet reader (2.60's default) lists a directory through a pool of footer-reading
+# actors, 32 by default, each a fresh process (~2 CPU-s here): 3.4 s to read the 20 shards of
+# the 291-case demo cache and 35 s for the 320 of the 5,004-case one. V1 reads the footers in
+# the calling process, ~15 ms a file; one footer actor is as fast as two on local files. See
+# docs/benchmarks.md, "Reading the cache".
+V1_PARQUET_MAX_FILES = 64
+FOOTER_READERS = 1
+USE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+def read_shards(shards_dir: str | os.PathLike):
+    """``ray.data.read_parquet`` of a directory of shards, with the Parquet reader chosen for its
+    file count: V1 up to ``V1_PARQUET_MAX_FILES`` files, V2 with ``FOOTER_READERS`` footer actors
+    above. ``RAY_DATA_USE_DATASOURCE_V2`` or ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``, when set, win."""
+    import ray
+
+    n_files = sum(1 for _ in Path(shards_dir).glob("*.parquet"))
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    if USE_V2_ENV not in os.environ:
+        context.use_datasource_v2 = n_files > V1_PARQUET_MAX_FILES
+    set_footer_readers = FOOTER_READERS_ENV not in os.environ
+    if set_footer_readers:  # read when the reader is built, in this process
+        os.environ[FOOTER_READERS_ENV] = str(FOOTER_READERS)
+    try:
+        return ray.data.read_parquet(str(shards_dir))
+    finally:
+        context.use_datasource_v2 = before
+        if set_footer_readers:
+            del os.environ[FOOTER_READERS_ENV]
+
+
 def write_prepared_shard(batch: pd.DataFrame, settings: PrepareSettings, shards_dir: str) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: preprocess a batch of manifest rows and write its good
     rows straight to one Parquet shard; only the small per-case outcome goes back to the driver.

@@ -17,7 +17,7 @@ from typing import Iterable
 import numpy as np
 
 from raytumor.data.augment import AugmentConfig, augment_case
-from raytumor.data.preprocess import META_FILE, SHARD_PARQUET_OPTIONS, SHARDS_DIR, PreparedDataset
+from raytumor.data.preprocess import META_FILE, SHARD_PARQUET_OPTIONS, SHARDS_DIR, PreparedDataset, read_shards
 from raytumor.storage import atomic_path, atomic_write_text
 
 
@@ -67,7 +67,6 @@ def augment_rare_cases(
     batch_size: int = 4,
 ) -> AugmentedRows:
     """Write ``n`` augmented copies of each rare-class training case as Parquet shards (cached)."""
-    import ray
     from ray.data.expressions import col
 
     if n < 1:
@@ -77,7 +76,7 @@ def augment_rare_cases(
     if (target / META_FILE).is_file():
         meta = json.loads((target / META_FILE).read_text())
         return AugmentedRows(target, meta["n_source_cases"], meta["n_rows"], cached=True)
-    source = ray.data.read_parquet(str(prepared.shards)).filter(
+    source = read_shards(prepared.shards).filter(
         expr=(col("split") == "train") & col("label").is_in(rare)
     )
     with atomic_path(target) as tmp:

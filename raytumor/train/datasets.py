@@ -8,7 +8,7 @@ import numpy as np
 
 from raytumor.config import RunConfig
 from raytumor.data.manifest import rare_labels, read_classes
-from raytumor.data.preprocess import PrepareSettings, PreparedDataset, find_prepared, prepare_dataset
+from raytumor.data.preprocess import PrepareSettings, PreparedDataset, find_prepared, prepare_dataset, read_shards
 
 COLUMNS = ["case_id", "label", "volume"]
 
@@ -83,10 +83,8 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
     A sweep reads them in its driver and hands them to every trial: Ray Data started inside
     a Tune trial is limited to the trial's (zero-CPU) reservation.
     """
-    import ray
-
     prepared = ensure_prepared(config)
-    rows = ray.data.read_parquet(str(prepared.shards)).select_columns(COLUMNS + ["split"]).materialize()
+    rows = read_shards(prepared.shards).select_columns(COLUMNS + ["split"]).materialize()
     out = {
         "train": _split(rows, "train").select_columns(COLUMNS).materialize(),
         "val": _split(rows, "val").select_columns(COLUMNS).materialize(),
@@ -97,7 +95,7 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
 
         extra = augment_rare_cases(prepared, rare, n=config.data.augment_n, seed=config.seed)
         if extra.n_rows:
-            rows_extra = ray.data.read_parquet(str(extra.shards)).select_columns(COLUMNS)
+            rows_extra = read_shards(extra.shards).select_columns(COLUMNS)
             out["train_augmented"] = out["train"].union(rows_extra).materialize()
     if pretraining:
         splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)

@@ -28,6 +28,7 @@ import torch
 from raytumor.config import RunConfig
 from raytumor.errors import RaytumorError
 from raytumor.storage import atomic_path, atomic_write_text
+from raytumor.train.data_config import ShardedTrainConfig
 from raytumor.train.datasets import StageInputs, pretraining_inputs, training_inputs
 from raytumor.train.loops import (
     BACKBONE_FILE,
@@ -115,30 +116,6 @@ def build_trainer(
         datasets=inputs.datasets,
         dataset_config=ShardedTrainConfig(inputs.train_shards),
     )
-
-
-class ShardedTrainConfig(ray.train.DataConfig):
-    """Worker ``i`` reads ``shards[i]`` as its ``train`` shard; every other dataset goes whole to
-    every worker (only rank 0 reads ``reference`` and ``val``).
-
-    Given pre-built shards (:func:`raytumor.train.datasets.class_stratified_shards`), no
-    ``streaming_split`` coordinator actor starts: that actor's start took 1.4-3.4 s of a
-    worker's time to first batch here (docs/benchmarks.md, figure 4). Without shards, or with a shard
-    count that does not match the world size, Ray Train's own ``streaming_split`` is used.
-    """
-
-    def __init__(self, shards: list | None = None):
-        super().__init__(datasets_to_split=["train"])
-        self._shards = shards
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if "train" not in datasets or self._shards is None or len(self._shards) != world_size:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        others = {name: ds for name, ds in datasets.items() if name != "train"}
-        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
-        for rank, shard in enumerate(self._shards):
-            output[rank]["train"] = shard.iterator()
-        return output
 
 
 def _latest_checkpoint(stage_dir: Path) -> str | None:

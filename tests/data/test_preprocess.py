@@ -210,3 +210,46 @@ def test_interrupted_prepare_leaves_no_complete_looking_cache(ray_local, tmp_pat
     assert prepared.n_cases == 6
     assert json.loads((prepared.path / META_FILE).read_text())["n_cases"] == 6
     assert not [p for p in prepared_root.iterdir() if p.name.startswith(".")]
+
+
+def footer_readers() -> set[str]:
+    """Every FooterReader actor Ray has started (Ray Data's V2 Parquet reader starts them to list files)."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000)}
+
+
+def test_read_shards_picks_the_parquet_reader_by_file_count(ray_local, tmp_path, monkeypatch):
+    import os
+
+    from raytumor.data import preprocess
+    from raytumor.data.preprocess import FOOTER_READERS_ENV, USE_V2_ENV, read_shards
+
+    monkeypatch.delenv(USE_V2_ENV, raising=False)
+    monkeypatch.delenv(FOOTER_READERS_ENV, raising=False)
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(5, 5), unlabelled=2)
+    prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE), batch_size=4)
+    expected = read_rows(ray_local, prepared).sort_index()
+    context = ray_local.data.DataContext.get_current()
+
+    def read(shards) -> set[str]:
+        """The new footer actors of one read (checked to give the cache's rows)."""
+        before = footer_readers()
+        rows = read_shards(shards).to_pandas().set_index("case_id").sort_index()
+        assert rows.index.tolist() == expected.index.tolist()
+        np.testing.assert_array_equal(np.stack(rows["volume"]), np.stack(expected["volume"]))
+        return footer_readers() - before
+
+    # A few files: V1 reads the footers here, no actor starts; Ray's settings are left as they were.
+    assert read(prepared.shards) == set()
+    assert context.use_datasource_v2 and FOOTER_READERS_ENV not in os.environ
+    # More files than V1 is best at: V2, with one footer actor per listing (Ray's default is 32).
+    monkeypatch.setattr(preprocess, "V1_PARQUET_MAX_FILES", 1)
+    ours = read(prepared.shards)
+    assert 1 <= len(ours) <= 2 and context.use_datasource_v2 and FOOTER_READERS_ENV not in os.environ
+    # The user's settings win.
+    monkeypatch.setenv(FOOTER_READERS_ENV, "3")
+    assert len(read(prepared.shards)) == 3 * len(ours)
+    monkeypatch.setattr(preprocess, "V1_PARQUET_MAX_FILES", 64)
+    monkeypatch.setenv(USE_V2_ENV, "1")
+    assert len(read(prepared.shards)) == 3 * len(ours)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from raytumor.train.data_config import ShardedTrainConfig
 from raytumor.train.datasets import class_stratified_shards, load_arrays
-from raytumor.train.trainer import ShardedTrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -104,3 +107,14 @@ def test_read_stage_datasets_cuts_quiet_shards_per_worker(ray_local, tmp_path):
 
     inputs = training_inputs(config, read)
     assert inputs.train_shards is read["shards"]["train"] and inputs.n_train_rows == read["train"].count()
+
+
+def test_the_dataset_manager_unpickles_the_data_config_without_torch(tmp_path):
+    """Ray Train's DatasetManager actor unpickles the trainer's data config: its module must not
+    pull torch into that process (about 1 CPU-s per fit)."""
+    import ray.cloudpickle
+
+    (tmp_path / "config.pkl").write_bytes(ray.cloudpickle.dumps(ShardedTrainConfig(None)))
+    code = (f"import pickle, sys; config = pickle.loads(open({str(tmp_path / 'config.pkl')!r}, 'rb').read()); "
+            "assert type(config).__name__ == 'ShardedTrainConfig'; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,33 @@
+"""How Ray Train hands the datasets to its workers.
+
+Ray Train's ``DatasetManager`` actor unpickles this config, importing its module: kept free of
+torch, that actor starts without it (about 1 CPU-s less per fit here).
+"""
+
+from __future__ import annotations
+
+import ray.train
+
+
+class ShardedTrainConfig(ray.train.DataConfig):
+    """Worker ``i`` reads ``shards[i]`` as its ``train`` shard; every other dataset goes whole to
+    every worker (only rank 0 reads ``reference`` and ``val``).
+
+    Given pre-built shards (:func:`raytumor.train.datasets.class_stratified_shards`), no
+    ``streaming_split`` coordinator actor starts: that actor's start took 1.4-3.4 s of a
+    worker's time to first batch here (docs/benchmarks.md, figure 4). Without shards, or with a shard
+    count that does not match the world size, Ray Train's own ``streaming_split`` is used.
+    """
+
+    def __init__(self, shards: list | None = None):
+        super().__init__(datasets_to_split=["train"])
+        self._shards = shards
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if "train" not in datasets or self._shards is None or len(self._shards) != world_size:
+            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        others = {name: ds for name, ds in datasets.items() if name != "train"}
+        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        for rank, shard in enumerate(self._shards):
+            output[rank]["train"] = shard.iterator()
+        return output
