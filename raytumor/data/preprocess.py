@@ -211,7 +211,7 @@ def find_prepared(dataset_dir: str | os.PathLike, settings: PrepareSettings) -> 
 # actors, 32 by default, each a fresh process (~2 CPU-s here): 3.4 s to read the 20 shards of
 # the 291-case demo cache and 35 s for the 320 of the 5,004-case one. V1 reads the footers in
 # the calling process, ~15 ms a file; one footer actor is as fast as two on local files. See
-# docs/benchmarks.md, "Reading the cache".
+# docs/benchmarks.md, figure 4 (seventh session).
 V1_PARQUET_MAX_FILES = 64
 FOOTER_READERS = 1
 USE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"

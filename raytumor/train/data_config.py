@@ -1,7 +1,7 @@
 """How Ray Train hands the datasets to its workers.
 
 Ray Train's ``DatasetManager`` actor unpickles this config, importing its module: kept free of
-torch, that actor starts without it (about 1 CPU-s less per fit here).
+torch, that actor starts without it (1.4-2.0 CPU-s instead of 2.7-3.5 per fit here).
 """
 
 from __future__ import annotations
