@@ -43,6 +43,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from common import import_make_dataset, machine, steady
 
@@ -186,19 +187,13 @@ def poll_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: 
     from raytumor.runtime import TRAIN_ENV_DEFAULTS
 
     name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    ours, before = TRAIN_ENV_DEFAULTS[name], os.environ.get(name)
+    ours = TRAIN_ENV_DEFAULTS[name]
     walls: dict[str, list[float]] = {RAY_DEFAULT_POLL_S: [], ours: []}
-    try:
-        for pair in range(pairs):
-            for value in (RAY_DEFAULT_POLL_S, ours):
-                os.environ[name] = value
+    for pair in range(pairs):
+        for value in (RAY_DEFAULT_POLL_S, ours):
+            with mock.patch.dict(os.environ, {name: value}):
                 run = ray_training(config, inputs, workdir / "runs" / f"poll-{value}-{pair}", steps_per_epoch)
-                walls[value].append(round(run["wall_s"], 2))
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+            walls[value].append(round(run["wall_s"], 2))
     default_s, ours_s = statistics.median(walls[RAY_DEFAULT_POLL_S]), statistics.median(walls[ours])
     return {"pairs": pairs, "poll_s": {"ray_default": RAY_DEFAULT_POLL_S, "raytumor": ours},
             "fit_wall_s_runs": {"ray_default": walls[RAY_DEFAULT_POLL_S], "raytumor": walls[ours]},
