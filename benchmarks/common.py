@@ -21,6 +21,15 @@ def machine(**extra) -> dict:
             "ray": ray.__version__, "python": platform.python_version(), **extra}
 
 
+def machine_busy_cpu_s() -> float:
+    """CPU seconds every process on the machine has used since boot (psutil, which Ray's
+    dashboard installs; the fields a platform lacks count 0)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
 def steady(history: list[dict]) -> tuple[float, float]:
     """samples/s and mean data-wait fraction over epochs 2.. (epoch 1 only when there is no other).
 

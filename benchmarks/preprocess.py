@@ -69,7 +69,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from unittest import mock
 
-from common import machine, two_decimals
+from common import machine, machine_busy_cpu_s, two_decimals
 
 TARGET_SPEEDUP = 1.7
 TARGET_CACHE_HIT_S = 1.0
@@ -389,15 +389,6 @@ def run(args, size: dict, workdir: Path) -> dict:
         pool.shutdown()
         ray.shutdown()
     return results
-
-
-def machine_busy_cpu_s() -> float:
-    """CPU seconds every process on the machine has used since boot (psutil, which Ray's
-    dashboard installs; the fields a platform lacks count 0)."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
 def cache_read(shards: Path, pairs: int) -> dict:

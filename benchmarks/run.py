@@ -110,6 +110,13 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
             row("1", "whole fit, Ray Train's controller poll at Ray's 2 s vs raytumor's 0.5 s",
                 f"{walls['ray_default']:.2f} vs {walls['raytumor']:.2f} s (median of {poll['pairs']}; "
                 f"{poll['saved_per_fit_s']:.2f} s saved per fit)", "report")
+        watcher = overhead.get("preemption_watcher")
+        if watcher:
+            walls, cpus = watcher["fit_wall_s"], watcher["machine_cpu_s"]
+            row("1", "whole fit, Ray Train's preemption watcher on (Ray's default) vs off (raytumor's embedded Ray)",
+                f"{walls['ray_default']:.2f} vs {walls['raytumor']:.2f} s, {cpus['ray_default']:.2f} vs "
+                f"{cpus['raytumor']:.2f} CPU-s (median of {watcher['pairs']}; {watcher['saved_cpu_s_per_fit']:.2f} "
+                "CPU-s saved per fit)", "report")
     else:
         row("1", "Ray Train 1 worker / plain loop", "not measured (train_throughput failed or skipped)")
     for step in (tt or {}).get("step_throughput", []):

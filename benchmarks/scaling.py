@@ -275,7 +275,7 @@ def main() -> None:
     from raytumor.config import load_config
     from raytumor.runtime import EMBEDDED_RUNTIME_ENV, train_env_vars
 
-    train_env_vars()  # Ray Train's settings as raytumor's embedded Ray has them
+    train_env_vars(embedded=True)  # Ray Train's settings as raytumor's embedded Ray has them
     from raytumor.train.datasets import ensure_prepared
 
     results = {"machine": machine(), "settings": {**size, "seed": args.seed, "fit_timeout_s": args.fit_timeout}}

@@ -325,7 +325,7 @@ def main() -> None:
     from raytumor.config import build_config
     from raytumor.runtime import train_env_vars
 
-    train_env_vars()  # Ray Train's settings as raytumor's embedded Ray has them
+    train_env_vars(embedded=True)  # Ray Train's settings as raytumor's embedded Ray has them
     from raytumor.train.datasets import ensure_prepared
 
     results = {"machine": machine(), "settings": {**size, "seed": args.seed, "worker_niceness": args.worker_niceness,

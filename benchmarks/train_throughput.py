@@ -26,7 +26,9 @@
    a 1-CPU Ray task (no Ray Train) between two plain runs: that splits the overhead into "a
    Ray worker process" and "Ray Train's machinery". Ray Train runs with raytumor's settings
    (``raytumor.runtime.train_env_vars``); ``--poll-pairs`` more fits then alternate Ray
-   Train's default controller poll (2 s) with raytumor's (0.5 s): the whole-fit time each.
+   Train's default controller poll (2 s) with raytumor's (0.5 s): the whole-fit time each;
+   ``--watcher-pairs`` fits alternate Ray Train's preemption watcher on (Ray's default) and
+   off (raytumor's embedded Ray): the whole-fit time and the whole machine's CPU seconds each.
 
     python benchmarks/train_throughput.py [--json results.json] [--full-batch] [--smoke]
 """
@@ -45,7 +47,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from common import import_make_dataset, machine, steady
+from common import import_make_dataset, machine, machine_busy_cpu_s, steady
 
 DEMO_SHAPE = (32, 32, 8)
 PAPER_SHAPE = (128, 128, 12)
@@ -178,31 +180,58 @@ def ray_training(config, inputs, run_dir: Path, steps_per_epoch: int) -> dict:
 
 
 RAY_DEFAULT_POLL_S = "2.0"  # ray.train.v2._internal.constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
+RAY_DEFAULT_WATCHER = "1"  # ray.train.v2._internal.constants.DEFAULT_ENABLE_PREEMPTION_WATCHER
+
+
+def setting_comparison(name: str, ray_default: str, ours: str, config, inputs, workdir: Path, steps_per_epoch: int,
+                       pairs: int) -> dict:
+    """Whole ``fit`` wall time and the whole machine's CPU seconds with the Ray Train setting
+    ``name`` at Ray's default and at raytumor's, alternating. Ray Train reads its settings from
+    this process's environment at every fit, so they can change between fits of one Ray."""
+    runs: dict[str, dict[str, list[float]]] = {value: {"wall": [], "cpu": []} for value in (ray_default, ours)}
+    for pair in range(pairs):
+        for value in (ray_default, ours):
+            with mock.patch.dict(os.environ, {name: value}):
+                busy = machine_busy_cpu_s()
+                run = ray_training(config, inputs, workdir / "runs" / f"{name}-{value}-{pair}", steps_per_epoch)
+                runs[value]["cpu"].append(round(machine_busy_cpu_s() - busy, 2))
+            runs[value]["wall"].append(round(run["wall_s"], 2))
+
+    def sides(key: str, median: bool = False) -> dict:
+        pick = (lambda v: round(statistics.median(v), 2)) if median else (lambda v: v)
+        return {"ray_default": pick(runs[ray_default][key]), "raytumor": pick(runs[ours][key])}
+
+    walls, cpus = sides("wall", median=True), sides("cpu", median=True)
+    return {"setting": name, "pairs": pairs, "values": {"ray_default": ray_default, "raytumor": ours},
+            "fit_wall_s_runs": sides("wall"), "fit_wall_s": walls,
+            "saved_per_fit_s": round(walls["ray_default"] - walls["raytumor"], 2),
+            "machine_cpu_s_runs": sides("cpu"), "machine_cpu_s": cpus,
+            "saved_cpu_s_per_fit": round(cpus["ray_default"] - cpus["raytumor"], 2)}
 
 
 def poll_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: int) -> dict:
-    """Whole ``fit`` wall time at Ray Train's default controller poll (2 s) and at raytumor's
-    (``raytumor.runtime.TRAIN_ENV_DEFAULTS``), alternating. The setting travels from this
-    process to each fit's controller, so it can change between fits of one Ray."""
+    """Ray Train's default controller poll (2 s) vs raytumor's (``raytumor.runtime.TRAIN_ENV_DEFAULTS``)."""
     from raytumor.runtime import TRAIN_ENV_DEFAULTS
 
     name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    ours = TRAIN_ENV_DEFAULTS[name]
-    walls: dict[str, list[float]] = {RAY_DEFAULT_POLL_S: [], ours: []}
-    for pair in range(pairs):
-        for value in (RAY_DEFAULT_POLL_S, ours):
-            with mock.patch.dict(os.environ, {name: value}):
-                run = ray_training(config, inputs, workdir / "runs" / f"poll-{value}-{pair}", steps_per_epoch)
-            walls[value].append(round(run["wall_s"], 2))
-    default_s, ours_s = statistics.median(walls[RAY_DEFAULT_POLL_S]), statistics.median(walls[ours])
-    return {"pairs": pairs, "poll_s": {"ray_default": RAY_DEFAULT_POLL_S, "raytumor": ours},
-            "fit_wall_s_runs": {"ray_default": walls[RAY_DEFAULT_POLL_S], "raytumor": walls[ours]},
-            "fit_wall_s": {"ray_default": default_s, "raytumor": ours_s},
-            "saved_per_fit_s": round(default_s - ours_s, 2)}
+    compared = setting_comparison(name, RAY_DEFAULT_POLL_S, TRAIN_ENV_DEFAULTS[name], config, inputs, workdir,
+                                  steps_per_epoch, pairs)
+    return {**compared, "poll_s": compared["values"]}
+
+
+def watcher_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: int) -> dict:
+    """Ray Train's preemption watcher on (Ray's default) vs off (raytumor's embedded Ray:
+    ``raytumor.runtime.EMBEDDED_TRAIN_ENV_DEFAULTS``)."""
+    from raytumor.runtime import EMBEDDED_TRAIN_ENV_DEFAULTS
+
+    name = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    return setting_comparison(name, RAY_DEFAULT_WATCHER, EMBEDDED_TRAIN_ENV_DEFAULTS[name], config, inputs, workdir,
+                              steps_per_epoch, pairs)
 
 
 def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: int, cases_per_class: int,
-                 workdir: Path, worker_niceness: int, rounds: int = 3, poll_pairs: int = 0, seed: int = 0) -> dict:
+                 workdir: Path, worker_niceness: int, rounds: int = 3, poll_pairs: int = 0, watcher_pairs: int = 0,
+                 seed: int = 0) -> dict:
     import ray
 
     from raytumor.config import load_config
@@ -221,7 +250,7 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
     ])
 
     os.environ["RAY_worker_niceness"] = str(worker_niceness)  # read by the raylet ray.init starts
-    train_env_vars()  # Ray Train's settings as raytumor's embedded Ray has them
+    train_env_vars(embedded=True)  # Ray Train's settings as raytumor's embedded Ray has them
     started = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     init_s = time.perf_counter() - started
@@ -255,6 +284,8 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
             in_ray_task = ray.get(plain_in_actor.remote(config, inputs, steps_per_epoch))
             plains.append(plain_training(config, inputs, steps_per_epoch))
             polls = poll_comparison(config, inputs, workdir, steps_per_epoch, poll_pairs) if poll_pairs else None
+            watchers = (watcher_comparison(config, inputs, workdir, steps_per_epoch, watcher_pairs)
+                        if watcher_pairs else None)
     finally:
         ray.shutdown()
 
@@ -306,10 +337,20 @@ def ray_overhead(shape, width: float, batch: int, epochs: int, steps_per_epoch: 
         "plain_epochs": plains[0]["history"],
         "ray_train_health_check_interval_s": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "default"),
         "controller_poll": polls,
+        "preemption_watcher": watchers,
     }
 
 
 # --- report ---------------------------------------------------------------------------------
+
+
+def print_setting_comparison(label: str, compared: dict) -> None:
+    """One line per :func:`setting_comparison`: the medians, then every fit, Ray's side first."""
+    sides = [f"{compared['fit_wall_s'][side]:.2f} s, {compared['machine_cpu_s'][side]:.2f} CPU-s "
+             f"{list(zip(compared['fit_wall_s_runs'][side], compared['machine_cpu_s_runs'][side]))}"
+             for side in ("ray_default", "raytumor")]
+    print(f"   whole fit, {label}, alternating: {sides[0]} vs {sides[1]}; saved per fit "
+          f"{compared['saved_per_fit_s']:.2f} s, {compared['saved_cpu_s_per_fit']:.2f} CPU-s")
 
 
 def print_report(results: dict) -> None:
@@ -346,13 +387,14 @@ def print_report(results: dict) -> None:
         print(f"   plain runs: {o['plain_in_loop_samples_per_s_runs']} samples/s, "
               f"{o['plain_wall_s_runs']} s; Ray fixed cost {o['ray_fixed_cost_s']:.1f} s; "
               f"ray.init {o['ray_init_s']:.1f} s, prepare + read datasets {o['prepare_and_read_datasets_s']:.1f} s")
-        poll = o.get("controller_poll")
-        if poll:
-            walls, runs = poll["fit_wall_s"], poll["fit_wall_s_runs"]
-            print(f"   whole fit, Ray Train's controller polling every {poll['poll_s']['ray_default']} s (Ray's default) vs "
-                  f"{poll['poll_s']['raytumor']} s (raytumor's), alternating: {walls['ray_default']:.2f} s "
-                  f"{runs['ray_default']} vs {walls['raytumor']:.2f} s {runs['raytumor']}; "
-                  f"{poll['saved_per_fit_s']:.2f} s saved per fit")
+        comparisons = {"controller_poll": "Ray Train's controller poll every {ray_default} s (Ray's default) vs "
+                                          "{raytumor} s (raytumor's)",
+                       "preemption_watcher": "Ray Train's preemption watcher on (Ray's default) vs off (raytumor's "
+                                             "embedded Ray)"}
+        for key, label in comparisons.items():
+            compared = o.get(key)
+            if compared:
+                print_setting_comparison(label.format(**compared["values"]), compared)
 
 
 def main() -> None:
@@ -372,6 +414,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Ray Train fits, each between two plain runs")
     parser.add_argument("--poll-pairs", type=int, default=3,
                         help="fit pairs at Ray Train's default controller poll (2 s) and raytumor's (0.5 s); 0 = skip")
+    parser.add_argument("--watcher-pairs", type=int, default=3,
+                        help="fit pairs with Ray Train's preemption watcher on (Ray's default) and off (raytumor's "
+                             "embedded Ray); 0 = skip")
     parser.add_argument("--steps-per-epoch", type=int, default=10)
     parser.add_argument("--cases-per-class", type=int, default=6,
                         help="synthetic cases per class (70%% go to train; a class needs >= 2 there)")
@@ -390,7 +435,8 @@ def main() -> None:
     cases = [(DEMO_SHAPE, 0.25, 30)]
     if args.smoke:
         args.min_seconds, args.ray_shape, args.ray_batch = 0.0, [16, 16, 4], 12
-        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds, args.poll_pairs = 2, 2, 5, 1, 0
+        args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds = 2, 2, 5, 1
+        args.poll_pairs = args.watcher_pairs = 0
     else:
         cases.append((DEMO_SHAPE, 1.0, 30))
         if not args.skip_full_shape:
@@ -410,7 +456,7 @@ def main() -> None:
             results["ray_overhead"] = ray_overhead(tuple(args.ray_shape), args.ray_width, args.ray_batch, args.epochs,
                                                    args.steps_per_epoch, args.cases_per_class, workdir,
                                                    args.worker_niceness, rounds=args.rounds,
-                                                   poll_pairs=args.poll_pairs)
+                                                   poll_pairs=args.poll_pairs, watcher_pairs=args.watcher_pairs)
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -60,19 +60,34 @@ def pin_ray_address() -> None:
 
 EMBEDDED_RUNTIME_ENV = {"worker_process_setup_hook": pin_ray_address}
 
-# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's
-# default: 2 s); a fit's end is noticed at the next poll and its teardown waits on more. At
-# 0.5 s a small fit took 12.4 s instead of 16.4 s (docs/benchmarks.md, figure 1). A poll is
-# one small actor call per worker; a missed one is only waited on, not a failure.
-TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+TRAIN_ENV_DEFAULTS = {
+    # Ray Train's controller polls its workers every this many seconds (Ray's default: 2); a
+    # fit's end is noticed at the next poll and its teardown waits on more. At 0.5 s a small fit
+    # took 12.4 s instead of 16.4 s (docs/benchmarks.md, figure 1). A poll is one small actor
+    # call per worker; a missed one is only waited on, not a failure.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train's print patch writes every print of a worker to its stdout and, through its
+    # logger, to its stderr too; Ray forwards both to the console. Each state of a progress bar
+    # (``ray.experimental.tqdm_ray``) then arrived twice, and the second copy of a bar's last
+    # state re-opened the closed bar: finished runs and trials stayed on screen, their elapsed
+    # time still counting. Without the patch, prints reach the console and the workers' log
+    # files once, but not Ray Train's own per-worker log file (logs/train/).
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+# Only where raytumor starts Ray itself: one local node, which no cloud provider drains, so
+# Ray Train's preemption watcher (an actor started with every fit, ~1.3 CPU-s each here) has
+# nothing to watch. A cluster keeps it.
+EMBEDDED_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def train_env_vars() -> dict[str, str]:
-    """raytumor's Ray Train settings, each overridable by the environment, and set in it:
-    Ray Train passes them from the process that calls ``fit`` to its controller."""
-    for name, value in TRAIN_ENV_DEFAULTS.items():
+def train_env_vars(embedded: bool = False) -> dict[str, str]:
+    """raytumor's Ray Train settings (those of an embedded Ray too, with ``embedded``), each
+    overridable by the environment, and set in it: Ray Train passes them from the process that
+    calls ``fit`` to its controller and workers."""
+    defaults = {**TRAIN_ENV_DEFAULTS, **(EMBEDDED_TRAIN_ENV_DEFAULTS if embedded else {})}
+    for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in TRAIN_ENV_DEFAULTS}
+    return {name: os.environ[name] for name in defaults}
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -130,6 +145,7 @@ def ray_session(
         # Ray starts workers at niceness 15; on a machine shared with other work that lets
         # every other process pre-empt the training workers (measured ~0.7x throughput).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        train_env_vars(embedded=True)
         started = ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,

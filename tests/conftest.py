@@ -13,9 +13,12 @@ import pandas as pd
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Ray Train as raytumor's embedded Ray runs it (the session's Ray below is started the same way).
+from raytumor.runtime import train_env_vars  # noqa: E402
+
+train_env_vars(embedded=True)
 
 
 # The allocator settings of raytumor.runtime.reuse_freed_memory are glibc's.

@@ -58,6 +58,7 @@ def test_train_throughput_smoke(tmp_path):
     # Ray Train ran with raytumor's settings; the poll comparison is left out of the smoke run
     # (two more fits) and tested below without Ray.
     assert overhead["ray_train_health_check_interval_s"] == "0.5" and overhead["controller_poll"] is None
+    assert overhead["preemption_watcher"] is None
 
 
 def test_poll_comparison_alternates_the_controller_poll(tmp_path, monkeypatch):
@@ -80,6 +81,34 @@ def test_poll_comparison_alternates_the_controller_poll(tmp_path, monkeypatch):
         "in_loop_ratio_ray_over_plain": 1.0, "ray_fixed_cost_s": 11.0, "controller_poll": poll}}))
     rows = [row for row in load_run_module().summary_rows(tmp_path, ["train_throughput"]) if "controller poll" in row["name"]]
     assert len(rows) == 1 and rows[0]["measured"] == "16.02 vs 12.03 s (median of 2; 3.99 s saved per fit)"
+
+
+def test_watcher_comparison_alternates_the_preemption_watcher_and_counts_machine_cpu(tmp_path, monkeypatch):
+    train_throughput = load_benchmark_module("train_throughput")
+    busy = [100.0]
+    seen = []
+
+    def fake_fit(config, inputs, run_dir, steps_per_epoch):
+        value = os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
+        seen.append((value, run_dir.name))
+        busy[0] += {"1": 18.0, "0": 16.0}[value]  # the machine's CPU seconds this fit used
+        return {"wall_s": 11.0 + len(seen) / 100}
+
+    monkeypatch.setattr(train_throughput, "ray_training", fake_fit)
+    monkeypatch.setattr(train_throughput, "machine_busy_cpu_s", lambda: busy[0])
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    watcher = train_throughput.watcher_comparison(None, None, tmp_path, 2, pairs=2)
+    assert [value for value, _ in seen] == ["1", "0", "1", "0"]
+    assert len({run for _, run in seen}) == 4
+    assert watcher["values"] == {"ray_default": "1", "raytumor": "0"}
+    assert watcher["machine_cpu_s_runs"] == {"ray_default": [18.0, 18.0], "raytumor": [16.0, 16.0]}
+    assert watcher["saved_cpu_s_per_fit"] == 2.0 and watcher["fit_wall_s"] == {"ray_default": 11.02, "raytumor": 11.03}
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    (tmp_path / "train_throughput.json").write_text(json.dumps({"ray_overhead": {
+        "in_loop_ratio_ray_over_plain": 1.0, "ray_fixed_cost_s": 11.0, "preemption_watcher": watcher}}))
+    rows = [row for row in load_run_module().summary_rows(tmp_path, ["train_throughput"]) if "watcher" in row["name"]]
+    assert len(rows) == 1
+    assert rows[0]["measured"] == "11.02 vs 11.03 s, 18.00 vs 16.00 CPU-s (median of 2; 2.00 CPU-s saved per fit)"
 
 
 @pytest.mark.slow

@@ -82,15 +82,40 @@ def test_ray_session_gives_a_cluster_job_the_train_settings(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    for name in (*runtime.TRAIN_ENV_DEFAULTS, *runtime.EMBEDDED_TRAIN_ENV_DEFAULTS):
+        monkeypatch.delenv(name, raising=False)
     with runtime.ray_session("ray://head:10001", announce=False):
         pass
     assert calls[0]["address"] == "ray://head:10001"
-    assert calls[0]["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}
-    # This process's own fits pass it on to their controllers, too.
+    # The preemption watcher stays on: a cluster's nodes can be drained.
+    assert calls[0]["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                                                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    # This process's own fits pass them on to their controllers, too.
     assert runtime.os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in runtime.os.environ
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's setting wins
     with runtime.ray_session("ray://head:10001", announce=False):
         pass
-    assert calls[1]["runtime_env"] == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}}
+    assert calls[1]["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
+def test_ray_session_turns_the_preemption_watcher_off_on_an_embedded_ray(monkeypatch):
+    import ray
+
+    class Started:
+        dashboard_url = None
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs) or Started())
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    with runtime.ray_session(num_cpus=1, announce=False):
+        assert runtime.os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "address" not in calls[0]  # embedded: started here, its processes inherit the setting
+
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's setting wins
+    with runtime.ray_session(num_cpus=1, announce=False):
+        assert runtime.os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -29,6 +31,27 @@ def config_for(dataset, output_dir, name, *extra):
         "model.width=0.25", "train.batch_size=9", "train.loss=batch_all", "train.margin=0.5", "train.lr=0.003",
         "pretrain.batch_size=8", *extra,
     ])
+
+
+def progress_states(name: str) -> Counter:
+    """How often each progress-bar state of run ``name`` (``ray.experimental.tqdm_ray``, a JSON
+    line) was written to a Ray worker's stdout or stderr: Ray forwards both to the console."""
+    import ray
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    for _ in range(5):  # Ray moves the files of exited workers into old/ while we read
+        try:
+            states = Counter()
+            for path in [*logs.glob("worker-*.out"), *logs.glob("worker-*.err"), *logs.glob("old/worker-*.out"),
+                         *logs.glob("old/worker-*.err")]:
+                for line in path.read_text(errors="replace").splitlines():
+                    if RAY_TQDM_MAGIC in line and json.loads(line)["desc"].split()[1:2] == [name]:
+                        states[line] += 1
+            return states
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"could not read the worker logs in {logs}")
 
 
 def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_dataset, tmp_path):
@@ -100,6 +123,17 @@ def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
     for name, value in head.items():
         torch.testing.assert_close(value, fresh.state_dict()[name], atol=1e-6, rtol=0)
     assert (tmp_path / "tuned" / BEST_MODEL_FILE).is_file()
+
+    # Each state of a run's progress bars reached the console once: a state written twice
+    # re-opened the bar when its last state came again, and the finished bar stayed on screen.
+    for name in ("pre", "tuned"):
+        states = progress_states(name)
+        assert states and max(states.values()) == 1, states
+        assert any(json.loads(line)["closed"] for line in states)
+    # No preemption watcher on this (embedded) Ray: it has nothing to watch there.
+    from ray.util.state import list_actors
+
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=1000)
 
 
 def test_interrupted_run_resumes_with_resume(ray_local, tiny_dataset, tmp_path):
