@@ -94,7 +94,6 @@ def _trainable(shared_datasets: dict, context: dict):
 
 def _search_alg(space: SearchSpace):
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     if space.search == "grid":
@@ -103,9 +102,9 @@ def _search_alg(space: SearchSpace):
                if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
     distributions = {k: v.model_dump(exclude_none=True) for k, v in space.distributions().items()}
     define_by_run = functools.partial(suggest, distributions=distributions, fixed=space.fixed())
-    searcher = OptunaSearch(space=define_by_run, metric=space.objective.metric, mode=space.objective.mode,
-                            sampler=sampler)
-    return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
+    # Tune wraps it in a ConcurrencyLimiter of TuneConfig(max_concurrent_trials).
+    return OptunaSearch(space=define_by_run, metric=space.objective.metric, mode=space.objective.mode,
+                        sampler=sampler)
 
 
 def _scheduler(space: SearchSpace, max_epochs: int):

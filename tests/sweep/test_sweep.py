@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,20 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(resumed_sweep):
     assert history["val_recall_macro"].max() == pytest.approx(best_row["objective"])
     assert not [c for c in history.columns if c.startswith("test")]
 
+
+
+def test_trials_ran_one_at_a_time(resumed_sweep):
+    """``max_concurrent_trials`` (1 by default), across the kill and the resume: each trial's
+    reports, from its first to its last, come before the next trial's first."""
+    _, experiment, *_ = resumed_sweep
+    spans = []
+    for path in (experiment / "tune").glob("*/result.json"):
+        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        spans.append((reports[0]["timestamp"] - reports[0]["time_this_iter_s"], reports[-1]["timestamp"]))
+    spans.sort()
+    assert len(spans) == 3
+    for (_, end), (next_start, _) in zip(spans, spans[1:]):
+        assert next_start > end - 1, spans  # Tune's timestamps are whole seconds
 
 def test_sweep_logs_every_trial_to_mlflow_across_the_resume(resumed_sweep):
     from mlflow import MlflowClient
