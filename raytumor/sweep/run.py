@@ -60,23 +60,33 @@ def sweep_trial(trial_params: dict, context: dict, shared_datasets: dict | None 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raytumor.train.trainer import run_training
+    from raytumor.train.trainer import checkpointed_history, run_training
 
     sampled = sampled_params(trial_params)
     trial_id = ray.tune.get_context().get_trial_id()
     tree = merge(context["base"], nest({**context["fixed"], **sampled}))
     tree = merge(tree, {"name": trial_id, "output_dir": context["trials_dir"]})
     config = build_config(tree, source=f"trial {trial_id}")
-    finished = Path(config.output_dir) / config.name / "summary.json"
-    if finished.is_file():
+    run_dir = Path(config.output_dir) / config.name
+    if (run_dir / "summary.json").is_file():
         # Finished before the sweep was interrupted: replay its epochs to Tune, do not re-run.
-        history = pd.read_csv(finished.parent / "metrics.csv")
-        for row in history.to_dict("records"):
-            ray.tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+        _report_epochs(pd.read_csv(run_dir / "metrics.csv").to_dict("records"))
         return
+    # Interrupted mid-run (the sweep's driver died, or Tune retries the trial): the run resumes
+    # from its last checkpoint and reports only the epochs after it. Tune restarts the trial's
+    # results, so it gets the checkpointed ones first; a run checkpointed at its last epoch
+    # reports nothing itself, and its trial would otherwise end without the metric.
+    _report_epochs(checkpointed_history(run_dir))
     # TensorBoard logs come from Tune's own logger (one event file per trial under tune/).
     run_training(config, resume="auto", callbacks=[TuneReportCallback()], tensorboard=False,
                  pretrain_cache=Path(context["pretrain_cache"]), shared_datasets=shared_datasets)
+
+
+def _report_epochs(rows: list[dict]) -> None:
+    import ray.tune
+
+    for row in rows:
+        ray.tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
 
 def _experiment_dir(space: SearchSpace, name: str | None, results_dir: str | None) -> Path:

@@ -124,6 +124,15 @@ def _latest_checkpoint(stage_dir: Path) -> str | None:
     return str(found[-1].resolve()) if found else None
 
 
+def checkpointed_history(run_dir: str | Path) -> list[dict]:
+    """The epochs of ``run_dir``'s training stage in its latest checkpoint, oldest first ([] if none):
+    what a resumed run will not train, and so not report, again."""
+    latest = _latest_checkpoint(Path(run_dir) / "train")
+    if latest is None:
+        return []
+    return list(torch.load(Path(latest) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["history"])
+
+
 def _fit(trainer) -> dict:
     try:
         result = trainer.fit()
