@@ -188,25 +188,22 @@ def setting_comparison(name: str, ray_default: str, ours: str, config, inputs, w
     """Whole ``fit`` wall time and the whole machine's CPU seconds with the Ray Train setting
     ``name`` at Ray's default and at raytumor's, alternating. Ray Train reads its settings from
     this process's environment at every fit, so they can change between fits of one Ray."""
-    runs: dict[str, dict[str, list[float]]] = {value: {"wall": [], "cpu": []} for value in (ray_default, ours)}
+    values = {"ray_default": ray_default, "raytumor": ours}
+    walls: dict[str, list[float]] = {side: [] for side in values}
+    cpus: dict[str, list[float]] = {side: [] for side in values}
     for pair in range(pairs):
-        for value in (ray_default, ours):
+        for side, value in values.items():
             with mock.patch.dict(os.environ, {name: value}):
                 busy = machine_busy_cpu_s()
                 run = ray_training(config, inputs, workdir / "runs" / f"{name}-{value}-{pair}", steps_per_epoch)
-                runs[value]["cpu"].append(round(machine_busy_cpu_s() - busy, 2))
-            runs[value]["wall"].append(round(run["wall_s"], 2))
-
-    def sides(key: str, median: bool = False) -> dict:
-        pick = (lambda v: round(statistics.median(v), 2)) if median else (lambda v: v)
-        return {"ray_default": pick(runs[ray_default][key]), "raytumor": pick(runs[ours][key])}
-
-    walls, cpus = sides("wall", median=True), sides("cpu", median=True)
-    return {"setting": name, "pairs": pairs, "values": {"ray_default": ray_default, "raytumor": ours},
-            "fit_wall_s_runs": sides("wall"), "fit_wall_s": walls,
-            "saved_per_fit_s": round(walls["ray_default"] - walls["raytumor"], 2),
-            "machine_cpu_s_runs": sides("cpu"), "machine_cpu_s": cpus,
-            "saved_cpu_s_per_fit": round(cpus["ray_default"] - cpus["raytumor"], 2)}
+                cpus[side].append(round(machine_busy_cpu_s() - busy, 2))
+            walls[side].append(round(run["wall_s"], 2))
+    wall = {side: round(statistics.median(runs), 2) for side, runs in walls.items()}
+    cpu = {side: round(statistics.median(runs), 2) for side, runs in cpus.items()}
+    return {"setting": name, "pairs": pairs, "values": values, "fit_wall_s_runs": walls, "fit_wall_s": wall,
+            "saved_per_fit_s": round(wall["ray_default"] - wall["raytumor"], 2),
+            "machine_cpu_s_runs": cpus, "machine_cpu_s": cpu,
+            "saved_cpu_s_per_fit": round(cpu["ray_default"] - cpu["raytumor"], 2)}
 
 
 def poll_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: int) -> dict:
@@ -214,9 +211,8 @@ def poll_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: 
     from raytumor.runtime import TRAIN_ENV_DEFAULTS
 
     name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    compared = setting_comparison(name, RAY_DEFAULT_POLL_S, TRAIN_ENV_DEFAULTS[name], config, inputs, workdir,
-                                  steps_per_epoch, pairs)
-    return {**compared, "poll_s": compared["values"]}
+    return setting_comparison(name, RAY_DEFAULT_POLL_S, TRAIN_ENV_DEFAULTS[name], config, inputs, workdir,
+                              steps_per_epoch, pairs)
 
 
 def watcher_comparison(config, inputs, workdir: Path, steps_per_epoch: int, pairs: int) -> dict:
