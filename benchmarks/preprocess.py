@@ -9,8 +9,8 @@ prepared to ``--shape`` (default 32 x 32 x 8) two ways, in one process:
   Parquet file with pyarrow (same columns, fixed-shape tensor volume). It runs in this process
   at torch's default thread count, after importing what it needs (so it pays no import).
 - ``prepare_dataset(dataset, PrepareSettings(shape), force=True)`` on a Ray started with
-  ``ray.init(num_cpus=2, include_dashboard=False)`` (workers at niceness 0 and with the
-  worker set-up hook of ``raytumor.runtime.EMBEDDED_RUNTIME_ENV``, as ``raytumor`` starts them). ``ray.init`` is not timed; everything ``prepare_dataset`` does is. Its first
+  ``ray.init(num_cpus=2, include_dashboard=False)`` (workers at niceness 0, started by
+  ``raytumor.runtime.start_embedded_ray`` as ``raytumor`` starts them). ``ray.init`` is not timed; everything ``prepare_dataset`` does is. Its first
   call (``cold``) pays Ray Data's first start and the workers' imports of torch, MONAI and
   nibabel, which is what ``raytumor data prepare`` pays after ``ray.init``; later calls
   (``warm``) do not.
@@ -296,7 +296,7 @@ def run(args, size: dict, workdir: Path) -> dict:
 
     from raytumor.data.manifest import read_manifest
     from raytumor.data.preprocess import PrepareSettings, fingerprint, prepare_dataset
-    from raytumor.runtime import EMBEDDED_RUNTIME_ENV
+    from raytumor.runtime import start_embedded_ray
 
     settings = PrepareSettings(shape=tuple(args.shape))
     if args.loop_threads:
@@ -309,9 +309,8 @@ def run(args, size: dict, workdir: Path) -> dict:
 
     os.environ["RAY_worker_niceness"] = "0"  # as raytumor's embedded Ray (raytumor.runtime.ray_session)
     started = time.perf_counter()
-    # As raytumor's embedded Ray: workers pin RAY_ADDRESS to this cluster.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env=EMBEDDED_RUNTIME_ENV)
+    # As raytumor's embedded Ray: its processes have RAY_ADDRESS set to this cluster.
+    start_embedded_ray(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     results["ray_init_s"] = round(time.perf_counter() - started, 2)
     # Two bare processes doing the same work, measured in every warm round next to
     # prepare_dataset: what the cores give any parallel layout at that moment (the machine is

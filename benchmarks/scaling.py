@@ -1,8 +1,8 @@
 """Benchmark: Ray Train data-parallel scaling on this machine (2 workers vs 1), data wait, time to first batch.
 
 Every run is a real ``raytumor.train.trainer.run_training(config)`` (training only, no
-pre-training) on one local Ray (``ray.init(num_cpus=2)``, workers at niceness 0 and with
-``raytumor.runtime.EMBEDDED_RUNTIME_ENV``, as ``raytumor`` starts them), over a small synthetic
+pre-training) on one local Ray (``ray.init(num_cpus=2)``, workers at niceness 0, started by
+``raytumor.runtime.start_embedded_ray`` as ``raytumor`` starts them), over a small synthetic
 dataset (``tests/conftest.py::make_dataset``: ``--classes`` classes x ``--cases-per-class`` blob
 volumes, 70 % to train) prepared once and read once in the driver: every run gets the same
 materialised Ray Datasets (``shared_datasets``), so Ray Data starts no read tasks while the
@@ -273,7 +273,7 @@ def main() -> None:
     import ray
 
     from raytumor.config import load_config
-    from raytumor.runtime import EMBEDDED_RUNTIME_ENV, train_env_vars
+    from raytumor.runtime import start_embedded_ray, train_env_vars
 
     train_env_vars(embedded=True)  # Ray Train's settings as raytumor's embedded Ray has them
     from raytumor.train.datasets import ensure_prepared
@@ -294,10 +294,9 @@ def main() -> None:
         ]
         config = load_config(overrides=[*base, "name=proxy"])
         started = time.perf_counter()
-        # As raytumor's embedded Ray: workers pin RAY_ADDRESS to this cluster, so Ray Train's
-        # placement-group cleaner cannot pick another Ray instance on this shared machine.
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 runtime_env=EMBEDDED_RUNTIME_ENV)
+        # As raytumor's embedded Ray: its processes have RAY_ADDRESS set to this cluster, so Ray
+        # Train's placement-group cleaner cannot pick another Ray instance on this shared machine.
+        start_embedded_ray(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         results["ray_init_s"] = round(time.perf_counter() - started, 2)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False

@@ -43,9 +43,9 @@ dataset written by ``make_demo_dataset`` into a temp dir and prepared once befor
    ``config.yaml`` (written just before). The counterfactual where every trial pre-trains is an
    ESTIMATE: n_trials x the measured pre-training time; time saved = that - what the sweep spent.
 
-Every Ray worker gets ``RAY_ADDRESS`` = its own cluster (``pin_ray_address``, a worker set-up
-hook): without it, on a machine running other Ray instances, Ray Train's placement-group
-cleaner fails and every trial ASHA stops leaks its worker's CPU, which hangs the sweep on 2 CPUs.
+Every Ray process gets ``RAY_ADDRESS`` = its own cluster (``start_embedded_ray``): without it,
+on a machine running other Ray instances, Ray Train's placement-group cleaner fails and every
+trial ASHA stops leaks its worker's CPU, which hangs the sweep on 2 CPUs.
 ``placement_groups_left_after`` counts what a sweep left behind (0 expected).
 
 Ray Train runs with raytumor's settings (``raytumor.runtime.train_env_vars``: the controller
@@ -136,7 +136,7 @@ def timed_sweep(space_path: Path) -> tuple[Path, float, float, list]:
     return result.experiment_dir, wall, started_at, [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
 
-from raytumor.runtime import pin_ray_address  # noqa: E402  (the same hook raytumor's embedded Ray uses)
+from raytumor.runtime import start_embedded_ray  # noqa: E402  (as raytumor's embedded Ray starts)
 
 
 def live_placement_groups(wait_s: float = 15.0) -> int:
@@ -337,8 +337,8 @@ def main() -> None:
         print("writing the demo dataset ...", flush=True)
         dataset, results["dataset"] = make_data(workdir, size, args.seed)
         base = base_tree(dataset, size, args.seed)
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR,
-                 log_to_driver=False, runtime_env={"worker_process_setup_hook": pin_ray_address})
+        start_embedded_ray(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR,
+                           log_to_driver=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             started = time.perf_counter()

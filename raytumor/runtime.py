@@ -7,6 +7,7 @@ import ctypes
 import logging
 import os
 import platform
+import socket
 from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
@@ -45,20 +46,47 @@ def reuse_freed_memory() -> bool:
     return _allocator_tuned
 
 
-def pin_ray_address() -> None:
-    """Worker set-up hook: point ``RAY_ADDRESS`` at the worker's own cluster.
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def start_embedded_ray(**init_kwargs):
+    """``ray.init`` a new local Ray whose every process has ``RAY_ADDRESS`` set to it.
 
     Ray Train's placement-group cleaner finds Ray's state API by auto-detecting "the" local
     Ray; with other Ray instances on the machine that fails ("Found multiple active Ray
     instances"), and every trial Tune stops then leaks its workers' CPUs: on 2 CPUs a sweep
-    hangs after two early stops.
+    hangs after two early stops. So the GCS port is chosen here, and the address is in the
+    environment that Ray's processes inherit when they start. This process's own environment
+    is left as it was. (A worker set-up hook did this before; it gave the job a runtime
+    environment, and the workers Ray prestarts without one went unused: a fresh Ray's first
+    Ray Data job started two more and took ~1 s longer, docs/benchmarks.md, figure 3.)
     """
     import ray
 
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    port = _unused_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
+    try:
+        context = ray.init(address="local", **init_kwargs)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    started_at = ray.get_runtime_context().gcs_address
+    if started_at != address:
+        ray.shutdown()
+        from raytumor.errors import RaytumorError
 
+        raise RaytumorError(f"the embedded Ray started at {started_at}, not at {address} as asked; start Ray "
+                            "yourself (ray start --head) and pass --address")
+    return context
 
-EMBEDDED_RUNTIME_ENV = {"worker_process_setup_hook": pin_ray_address}
 
 TRAIN_ENV_DEFAULTS = {
     # Ray Train's controller polls its workers every this many seconds (Ray's default: 2); a
@@ -146,14 +174,13 @@ def ray_session(
         # every other process pre-empt the training workers (measured ~0.7x throughput).
         os.environ.setdefault("RAY_worker_niceness", "0")
         train_env_vars(embedded=True)
-        started = ray.init(
+        started = start_embedded_ray(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=dashboard,
             dashboard_host=LOOPBACK,
             dashboard_port=dashboard_port,
             logging_level=logging.WARNING,
-            runtime_env=EMBEDDED_RUNTIME_ENV,
         )
         if announce and dashboard and started.dashboard_url:
             print(f"Ray dashboard: http://{started.dashboard_url}")

@@ -92,10 +92,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from raytumor.runtime import EMBEDDED_RUNTIME_ENV
+        from raytumor.runtime import start_embedded_ray
 
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
-                 log_to_driver=False, runtime_env=EMBEDDED_RUNTIME_ENV)
+        start_embedded_ray(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
+                           log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -108,14 +109,63 @@ def test_ray_session_turns_the_preemption_watcher_off_on_an_embedded_ray(monkeyp
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs) or Started())
+    monkeypatch.setattr(runtime, "start_embedded_ray", lambda **kwargs: calls.append(kwargs) or Started())
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     with runtime.ray_session(num_cpus=1, announce=False):
         assert runtime.os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
-    assert "address" not in calls[0]  # embedded: started here, its processes inherit the setting
+    assert calls[0]["num_cpus"] == 1  # embedded: started here, its processes inherit the setting
 
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's setting wins
     with runtime.ray_session(num_cpus=1, announce=False):
         assert runtime.os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+_EMBEDDED_PROCESSES = """
+import json, os, time
+import psutil, ray
+from raytumor.runtime import ray_session
+
+def own_idle_workers():
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.cmdline()[:1] == ["ray::IDLE"]}
+
+@ray.remote
+def worker_facts():
+    from ray.util.state import list_nodes
+    time.sleep(0.5)  # both tasks at once: each on a worker of its own
+    try:
+        state_api = len(list_nodes())
+    except Exception as exc:
+        state_api = repr(exc)[:300]
+    return {"pid": os.getpid(), "ray_address": os.environ.get("RAY_ADDRESS"),
+            "gcs_address": ray.get_runtime_context().gcs_address, "state_api_nodes": state_api}
+
+with ray_session(num_cpus=2, announce=False):
+    driver_env = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    deadline = time.monotonic() + 60
+    while len(own_idle_workers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    prestarted = sorted(own_idle_workers())
+    facts = ray.get([worker_facts.remote() for _ in range(2)])
+print("RESULT " + json.dumps({"driver_env": driver_env, "prestarted": prestarted, "workers": facts}))
+"""
+
+
+@pytest.mark.ray
+def test_embedded_ray_processes_know_their_cluster_and_use_prestarted_workers(ray_local):
+    """With another Ray on the machine (the tests' own), an embedded Ray's workers reach their own
+    cluster's state API (Ray Train's placement-group cleaner needs it), and its first tasks run on
+    the workers Ray prestarted: a job runtime environment would leave those unused."""
+    env = {k: v for k, v in runtime.os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", _EMBEDDED_PROCESSES], env=env, capture_output=True, text=True,
+                          timeout=240)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["driver_env"] == {"RAY_ADDRESS": None, "RAY_GCS_SERVER_PORT": None}
+    workers = result["workers"]
+    assert {w["ray_address"] for w in workers} == {workers[0]["gcs_address"]}
+    assert all(w["state_api_nodes"] == 1 for w in workers), workers
+    assert len(result["prestarted"]) == 2
+    assert sorted(w["pid"] for w in workers) == result["prestarted"]
