@@ -67,6 +67,10 @@ def evaluate(
         from raytumor.sweep.run import latest_best_run
 
         runs = [latest_best_run()]
+    from raytumor.train.trainer import best_model_path
+
+    for run in runs:  # every run checked before any is embedded
+        best_model_path(run)
     target = check_report_dir(out) if out is not None else default_report_dir(runs[0])
     evaluations = []
     for run in runs:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from raytumor.config import RunConfig
 from raytumor.data.manifest import LABELLED_SPLITS, read_classes
 from raytumor.data.preprocess import PrepareSettings, PreparedDataset, find_prepared
-from raytumor.errors import DatasetError, RaytumorError
+from raytumor.errors import DatasetError
 
 META_COLUMNS = ("case_id", "label", "split")
 Progress = Callable[[int, int], None]
@@ -222,8 +222,6 @@ def embed_run(
     from raytumor.train.trainer import load_best_model
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RaytumorError(f"{run_dir}: no such run directory")
     model, config = load_best_model(run_dir)
     prepared = prepared_for_config(config, dataset)
     dataset_dir = dataset_of(config, dataset)

@@ -277,13 +277,22 @@ def _run_stages(config, run_dir, resuming, stages, stage_callbacks, extra_loop_c
     return TrainingResult(run_dir, int(state["best_epoch"]), summary["best_metrics"])
 
 
+def best_model_path(run_dir: str | Path) -> Path:
+    """``RUN/best_model.pt``; a one-line error when ``run_dir`` is not a finished training run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RaytumorError(f"{run_dir}: no such run directory")
+    path = run_dir / BEST_MODEL_FILE
+    if not path.is_file():
+        raise RaytumorError(f"{path}: missing; is {run_dir} a finished training run?")
+    return path
+
+
 def load_best_model(run_dir: str | Path):
     """The best model of a run (weights loaded with ``weights_only=True``) and its config."""
     from raytumor.models import build_model
 
-    path = Path(run_dir) / BEST_MODEL_FILE
-    if not path.is_file():
-        raise RaytumorError(f"{path}: missing; is {run_dir} a finished training run?")
+    path = best_model_path(run_dir)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = RunConfig.model_validate(payload["config"])
     triplet = config.train.loss in ("batch_hard", "batch_all")
@@ -295,4 +304,4 @@ def load_best_model(run_dir: str | Path):
     return model, config
 
 
-__all__ = ["build_trainer", "run_training", "run_pretraining", "load_best_model", "TrainingResult"]
+__all__ = ["build_trainer", "run_training", "run_pretraining", "best_model_path", "load_best_model", "TrainingResult"]

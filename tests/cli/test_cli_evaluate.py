@@ -93,6 +93,23 @@ def test_evaluate_two_runs_prints_table_and_never_overwrites(runs, tmp_path):
     assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("bad", ["missing", "unfinished"])
+def test_evaluate_checks_every_run_before_embedding_any(runs, tmp_path, monkeypatch, bad):
+    import raytumor.evaluate.embeddings as embeddings
+
+    embedded = []
+    monkeypatch.setattr(embeddings, "embed_run", lambda run, **kwargs: embedded.append(run))
+    second = tmp_path / "run-2"
+    if bad == "unfinished":
+        second.mkdir()  # a run directory without best_model.pt
+    result = runner.invoke(app, ["evaluate", str(runs["triplet"]), str(second), "--out", str(tmp_path / "r")], env=WIDE)
+    assert result.exit_code != 0 and isinstance(result.exception, RaytumorError)
+    message = str(result.exception)
+    assert str(second) in message and "\n" not in message
+    assert ("no such run directory" if bad == "missing" else "finished training run") in message
+    assert embedded == [] and not (tmp_path / "r").exists()
+
+
 def test_evaluate_default_location_is_a_new_dir_each_time(runs):
     for _ in range(2):
         result = runner.invoke(app, ["evaluate", str(runs["triplet"]), "--k", "3", "--examples", "0"], env=WIDE)
