@@ -124,7 +124,8 @@ def test_ray_session_turns_the_preemption_watcher_off_on_an_embedded_ray(monkeyp
 
 _EMBEDDED_PROCESSES = """
 import json, os, time
-import psutil, ray
+import ray
+import psutil  # Ray's own copy (ray/thirdparty_files), on sys.path once ray is imported
 from raytumor.runtime import ray_session
 
 def own_idle_workers():
