@@ -63,10 +63,16 @@ def start_embedded_ray(**init_kwargs):
     is left as it was. (A worker set-up hook did this before; it gave the job a runtime
     environment, and the workers Ray prestarts without one went unused: a fresh Ray's first
     Ray Data job started two more and took ~1 s longer, docs/benchmarks.md, figure 3.)
+    A port you set in ``RAY_GCS_SERVER_PORT`` is used as it is.
     """
     import ray
 
-    port = _unused_port()
+    from raytumor.errors import ConfigError, RaytumorError
+
+    chosen = os.environ.get("RAY_GCS_SERVER_PORT", "")
+    if chosen and not (chosen.isdigit() and 0 < int(chosen) < 65536):
+        raise ConfigError(f"RAY_GCS_SERVER_PORT={chosen!r}: not a TCP port number (1-65535)")
+    port = int(chosen) if chosen else _unused_port()
     address = f"{ray.util.get_node_ip_address()}:{port}"
     saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
@@ -81,8 +87,6 @@ def start_embedded_ray(**init_kwargs):
     started_at = ray.get_runtime_context().gcs_address
     if started_at != address:
         ray.shutdown()
-        from raytumor.errors import RaytumorError
-
         raise RaytumorError(f"the embedded Ray started at {started_at}, not at {address} as asked; start Ray "
                             "yourself (ray start --head) and pass --address")
     return context

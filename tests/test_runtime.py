@@ -122,6 +122,67 @@ def test_ray_session_turns_the_preemption_watcher_off_on_an_embedded_ray(monkeyp
         assert runtime.os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
+
+class _FakeContext:
+    def __init__(self, gcs_address):
+        self.gcs_address = gcs_address
+
+
+def _fake_ray(monkeypatch, started_at=None):
+    """ray.init records the environment Ray's processes would inherit; the GCS comes up where asked."""
+    import ray
+
+    seen, calls = {}, []
+
+    def init(**kwargs):
+        seen.update({name: runtime.os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")})
+        calls.append(kwargs)
+        return "context"
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.1.2.3")
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: _FakeContext(started_at or seen["RAY_ADDRESS"]))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    return seen, calls
+
+
+def test_start_embedded_ray_sets_the_address_for_rays_processes_only(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    seen, calls = _fake_ray(monkeypatch)
+    assert runtime.start_embedded_ray(num_cpus=2) == "context"
+    port = int(seen["RAY_GCS_SERVER_PORT"])
+    assert seen["RAY_ADDRESS"] == f"10.1.2.3:{port}" and 0 < port < 65536
+    assert calls == [{"address": "local", "num_cpus": 2}]  # a new Ray, never the one in RAY_ADDRESS
+    assert "RAY_ADDRESS" not in runtime.os.environ and "RAY_GCS_SERVER_PORT" not in runtime.os.environ
+
+
+def test_start_embedded_ray_keeps_your_gcs_port_and_refuses_a_bad_one(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_GCS_SERVER_PORT", "6390")
+    seen, _ = _fake_ray(monkeypatch)
+    runtime.start_embedded_ray()
+    assert seen == {"RAY_ADDRESS": "10.1.2.3:6390", "RAY_GCS_SERVER_PORT": "6390"}
+    assert runtime.os.environ["RAY_GCS_SERVER_PORT"] == "6390" and "RAY_ADDRESS" not in runtime.os.environ
+
+    from raytumor.errors import ConfigError
+
+    monkeypatch.setenv("RAY_GCS_SERVER_PORT", "63x")
+    with pytest.raises(ConfigError, match="RAY_GCS_SERVER_PORT='63x': not a TCP port number"):
+        runtime.start_embedded_ray()
+
+
+def test_start_embedded_ray_stops_a_ray_that_came_up_elsewhere(monkeypatch):
+    from raytumor.errors import RaytumorError
+
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    _, calls = _fake_ray(monkeypatch, started_at="10.9.9.9:1")
+    with pytest.raises(RaytumorError, match="started at 10.9.9.9:1"):
+        runtime.start_embedded_ray()
+    assert calls[-1] == "shutdown"  # its workers would carry a wrong RAY_ADDRESS
+
+
 _EMBEDDED_PROCESSES = """
 import json, os, time
 import ray
