@@ -46,9 +46,10 @@ def reuse_freed_memory() -> bool:
     return _allocator_tuned
 
 
-def _unused_port() -> int:
+def _unused_port(port: int = 0) -> int:
+    """``port`` (any free one for 0) if nothing listens on it; OSError otherwise."""
     with socket.socket() as probe:
-        probe.bind(("", 0))
+        probe.bind(("", port))
         return probe.getsockname()[1]
 
 
@@ -72,7 +73,10 @@ def start_embedded_ray(**init_kwargs):
     chosen = os.environ.get("RAY_GCS_SERVER_PORT", "")
     if chosen and not (chosen.isdigit() and 0 < int(chosen) < 65536):
         raise ConfigError(f"RAY_GCS_SERVER_PORT={chosen!r}: not a TCP port number (1-65535)")
-    port = int(chosen) if chosen else _unused_port()
+    try:
+        port = _unused_port(int(chosen or 0))
+    except OSError as exc:  # Ray would wait 40 s for its GCS, then fail with a traceback
+        raise ConfigError(f"RAY_GCS_SERVER_PORT={chosen}: cannot use this port ({exc.strerror})") from None
     address = f"{ray.util.get_node_ip_address()}:{port}"
     saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))

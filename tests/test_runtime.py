@@ -160,17 +160,26 @@ def test_start_embedded_ray_sets_the_address_for_rays_processes_only(monkeypatch
 
 def test_start_embedded_ray_keeps_your_gcs_port_and_refuses_a_bad_one(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_GCS_SERVER_PORT", "6390")
+    with runtime.socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("", 0))
+        free = str(probe.getsockname()[1])
+    monkeypatch.setenv("RAY_GCS_SERVER_PORT", free)
     seen, _ = _fake_ray(monkeypatch)
     runtime.start_embedded_ray()
-    assert seen == {"RAY_ADDRESS": "10.1.2.3:6390", "RAY_GCS_SERVER_PORT": "6390"}
-    assert runtime.os.environ["RAY_GCS_SERVER_PORT"] == "6390" and "RAY_ADDRESS" not in runtime.os.environ
+    assert seen == {"RAY_ADDRESS": f"10.1.2.3:{free}", "RAY_GCS_SERVER_PORT": free}
+    assert runtime.os.environ["RAY_GCS_SERVER_PORT"] == free and "RAY_ADDRESS" not in runtime.os.environ
 
     from raytumor.errors import ConfigError
 
     monkeypatch.setenv("RAY_GCS_SERVER_PORT", "63x")
     with pytest.raises(ConfigError, match="RAY_GCS_SERVER_PORT='63x': not a TCP port number"):
         runtime.start_embedded_ray()
+    with runtime.socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        monkeypatch.setenv("RAY_GCS_SERVER_PORT", str(taken.getsockname()[1]))
+        with pytest.raises(ConfigError, match="cannot use this port"):
+            runtime.start_embedded_ray()
 
 
 def test_start_embedded_ray_stops_a_ray_that_came_up_elsewhere(monkeypatch):
