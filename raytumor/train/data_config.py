@@ -9,6 +9,23 @@ from __future__ import annotations
 import ray.train
 
 
+def ingest_options():
+    """Ray Train's default ingest options (``DataConfig.default_ingest_options``: this process's
+    ``DataContext``), but with ``exclude_resources`` left out unless it is set. Ray 2.60's default
+    passes it even at zero, and the deprecated setter then warned once in every fit's
+    ``DatasetManager``: 5 RayDeprecationWarnings in one ``raytumor demo``."""
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+
+    current = DataContext.get_current().execution_options
+    excluded = current.exclude_resources
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+        **({} if excluded == ExecutionResources.zero() else {"exclude_resources": excluded}),
+    )
+
+
 class ShardedTrainConfig(ray.train.DataConfig):
     """Worker ``i`` reads ``shards[i]`` as its ``train`` shard; every other dataset goes whole to
     every worker (only rank 0 reads ``reference`` and ``val``).
@@ -20,7 +37,7 @@ class ShardedTrainConfig(ray.train.DataConfig):
     """
 
     def __init__(self, shards: list | None = None):
-        super().__init__(datasets_to_split=["train"])
+        super().__init__(datasets_to_split=["train"], execution_options=ingest_options())
         self._shards = shards
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):

@@ -111,10 +111,22 @@ def test_read_stage_datasets_cuts_quiet_shards_per_worker(ray_local, tmp_path):
 
 def test_the_dataset_manager_unpickles_the_data_config_without_torch(tmp_path):
     """Ray Train's DatasetManager actor unpickles the trainer's data config: its module must not
-    pull torch into that process (about 1 CPU-s per fit)."""
+    pull torch into that process (about 1 CPU-s per fit). Resolving a dataset's options there
+    warns nothing: Ray 2.60's default options set the deprecated ``exclude_resources``."""
     import ray.cloudpickle
 
     (tmp_path / "config.pkl").write_bytes(ray.cloudpickle.dumps(ShardedTrainConfig(None)))
-    code = (f"import pickle, sys; config = pickle.loads(open({str(tmp_path / 'config.pkl')!r}, 'rb').read()); "
-            "assert type(config).__name__ == 'ShardedTrainConfig'; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (f"import pickle, sys, warnings; config = pickle.loads(open({str(tmp_path / 'config.pkl')!r}, 'rb').read()); "
+            "assert type(config).__name__ == 'ShardedTrainConfig'; assert 'torch' not in sys.modules, 'torch imported'\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    config._resolve_execution_options('val')\n"
+            "assert not [w for w in caught if 'exclude_resources' in str(w.message)], [str(w.message) for w in caught]")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_data_config_keeps_ray_trains_default_ingest_options():
+    import ray.train
+
+    assert ShardedTrainConfig()._resolve_execution_options("val") == \
+        ray.train.DataConfig()._resolve_execution_options("val")

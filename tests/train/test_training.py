@@ -33,25 +33,29 @@ def config_for(dataset, output_dir, name, *extra):
     ])
 
 
-def progress_states(name: str) -> Counter:
-    """How often each progress-bar state of run ``name`` (``ray.experimental.tqdm_ray``, a JSON
-    line) was written to a Ray worker's stdout or stderr: Ray forwards both to the console."""
+def worker_log_lines() -> list[str]:
+    """Every line the session's Ray workers wrote to stdout or stderr (Ray forwards both to the
+    console)."""
     import ray
-    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     for _ in range(5):  # Ray moves the files of exited workers into old/ while we read
         try:
-            states = Counter()
-            for path in [*logs.glob("worker-*.out"), *logs.glob("worker-*.err"), *logs.glob("old/worker-*.out"),
-                         *logs.glob("old/worker-*.err")]:
-                for line in path.read_text(errors="replace").splitlines():
-                    if RAY_TQDM_MAGIC in line and json.loads(line)["desc"].split()[1:2] == [name]:
-                        states[line] += 1
-            return states
+            return [line for path in [*logs.glob("worker-*.out"), *logs.glob("worker-*.err"),
+                                      *logs.glob("old/worker-*.out"), *logs.glob("old/worker-*.err")]
+                    for line in path.read_text(errors="replace").splitlines()]
         except FileNotFoundError:
             continue
     raise AssertionError(f"could not read the worker logs in {logs}")
+
+
+def progress_states(name: str) -> Counter:
+    """How often each progress-bar state of run ``name`` (``ray.experimental.tqdm_ray``, a JSON
+    line) reached a Ray worker's stdout or stderr."""
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    return Counter(line for line in worker_log_lines()
+                   if RAY_TQDM_MAGIC in line and json.loads(line)["desc"].split()[1:2] == [name])
 
 
 def test_two_worker_run_learns_and_survives_a_worker_crash(ray_local, tiny_dataset, tmp_path):
@@ -134,6 +138,8 @@ def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
     from ray.util.state import list_actors
 
     assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=1000)
+    # No fit's DatasetManager warned that Ray Train's default options set a deprecated field.
+    assert not [line for line in worker_log_lines() if "exclude_resources` is deprecated" in line]
 
 
 def test_interrupted_run_resumes_with_resume(ray_local, tiny_dataset, tmp_path):
