@@ -10,6 +10,7 @@ the slowest worker's time to its first batch of input: from the loop's start unt
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -84,12 +85,21 @@ def _progress(rank: int, total: int, start: int, description: str):
     return bar
 
 
+def _not_progress_bars_disabled(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
 def _start(loop_config: dict):
     """The loop's config, this worker's rank / world size / device, seeded per rank."""
     from raytumor.config import RunConfig
     from raytumor.runtime import reuse_freed_memory
 
     reuse_freed_memory()
+    # The datasets a worker reads have Ray Data's progress bars off (raytumor.train.datasets);
+    # Ray Data says so at WARNING in every process that iterates one: a console line per fit.
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if _not_progress_bars_disabled not in progress_logger.filters:
+        progress_logger.addFilter(_not_progress_bars_disabled)
     config = RunConfig.model_validate(loop_config["config"])
     rank, world, device = _context()
     torch.manual_seed(config.seed * 1000 + rank)

@@ -214,9 +214,12 @@ def test_interrupted_prepare_leaves_no_complete_looking_cache(ray_local, tmp_pat
 
 def footer_readers() -> set[str]:
     """Every FooterReader actor Ray has started (Ray Data's V2 Parquet reader starts them to list files)."""
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000)}
+    # This session's Ray by address: auto-detection fails while other Ray instances run here.
+    return {a.actor_id for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                            filters=[("class_name", "=", "FooterReader")], limit=10_000)}
 
 
 def test_read_shards_picks_the_parquet_reader_by_file_count(ray_local, tmp_path, monkeypatch):

@@ -33,16 +33,17 @@ def config_for(dataset, output_dir, name, *extra):
     ])
 
 
-def worker_log_lines() -> list[str]:
-    """Every line the session's Ray workers wrote to stdout or stderr (Ray forwards both to the
-    console)."""
+def worker_log_lines(pids: set[int] | None = None) -> list[str]:
+    """Every line the session's Ray workers (those with ``pids``) wrote to stdout or stderr (Ray
+    forwards both to the console)."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     for _ in range(5):  # Ray moves the files of exited workers into old/ while we read
         try:
-            return [line for path in [*logs.glob("worker-*.out"), *logs.glob("worker-*.err"),
-                                      *logs.glob("old/worker-*.out"), *logs.glob("old/worker-*.err")]
+            paths = [*logs.glob("worker-*.out"), *logs.glob("worker-*.err"), *logs.glob("old/worker-*.out"),
+                     *logs.glob("old/worker-*.err")]
+            return [line for path in paths if pids is None or int(path.stem.rsplit("-", 1)[1]) in pids
                     for line in path.read_text(errors="replace").splitlines()]
         except FileNotFoundError:
             continue
@@ -137,9 +138,15 @@ def test_pretraining_weights_reach_training(ray_local, tiny_dataset, tmp_path):
     # No preemption watcher on this (embedded) Ray: it has nothing to watch there.
     from ray.util.state import list_actors
 
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=1000)
+    session = ray_local.get_runtime_context().gcs_address  # not auto-detected: other Rays may run here
+    assert not list_actors(address=session, filters=[("class_name", "=", "PreemptionWatcher")], limit=1000)
     # No fit's DatasetManager warned that Ray Train's default options set a deprecated field.
     assert not [line for line in worker_log_lines() if "exclude_resources` is deprecated" in line]
+    # Nor did a Train worker repeat that raytumor turned Ray Data's progress bars off for it.
+    train_workers = {actor.pid for actor in
+                     list_actors(address=session, filters=[("class_name", "=", "RayTrainWorker")], limit=1000)}
+    assert train_workers
+    assert not [line for line in worker_log_lines(pids=train_workers) if "Progress bars disabled" in line]
 
 
 def test_interrupted_run_resumes_with_resume(ray_local, tiny_dataset, tmp_path):
