@@ -160,9 +160,7 @@ def test_start_embedded_ray_sets_the_address_for_rays_processes_only(monkeypatch
 
 def test_start_embedded_ray_keeps_your_gcs_port_and_refuses_a_bad_one(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with runtime.socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("", 0))
-        free = str(probe.getsockname()[1])
+    free = str(runtime._unused_port())  # a port nothing listens on
     monkeypatch.setenv("RAY_GCS_SERVER_PORT", free)
     seen, _ = _fake_ray(monkeypatch)
     runtime.start_embedded_ray()
