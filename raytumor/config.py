@@ -93,11 +93,18 @@ class RunConfig(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
 
 
+def error_message(error: dict) -> str:
+    """A pydantic error's message as a user reads it: no "Value error, " prefix from our validators."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return error["msg"].removeprefix("Value error, ")
+
+
 def _describe(error: dict, source: str) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{source}: {key}: unknown key"
-    return f"{source}: {key}: {error['msg']} (got {error.get('input')!r})"
+    return f"{source}: {key}: {error_message(error)} (got {error.get('input')!r})"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from raytumor.config import RunConfig, build_config, merge
+from raytumor.config import RunConfig, build_config, error_message, merge
 from raytumor.errors import ConfigError
 
 Scalar = Union[bool, int, float, str, None]
@@ -61,6 +61,20 @@ class Distribution(_Strict):
         return self
 
 
+def _parameter_kind(value: Any) -> str:
+    return "distribution" if isinstance(value, (dict, Distribution)) else "fixed"
+
+
+# A mapping is a distribution, anything else a fixed value: without the discriminator a bad
+# distribution was reported against every member of the union ("Input should be a valid
+# boolean; ... a valid integer; ...").
+Parameter = Annotated[
+    Union[Annotated[Distribution, Tag("distribution")], Annotated[Union[Scalar, list], Tag("fixed")]],
+    Discriminator(_parameter_kind),
+]
+_UNION_TAGS = ("distribution", "fixed")
+
+
 class Objective(_Strict):
     metric: str = "val_recall_macro"
     mode: Literal["max", "min"] = "max"
@@ -91,7 +105,7 @@ class SearchSpace(_Strict):
     scheduler: Scheduler = Scheduler()
     resources: TrialResources = TrialResources()
     final_train_epochs: Optional[int] = Field(None, ge=1, description="Epochs of `train --best` (default: the base's).")
-    parameters: dict[str, Union[Distribution, Scalar, list]] = Field(default_factory=dict)
+    parameters: dict[str, Parameter] = Field(default_factory=dict)
     configurations: Optional[list[dict[str, Any]]] = None
 
     @model_validator(mode="after")
@@ -151,9 +165,8 @@ def load_search_space(path: str | os.PathLike) -> tuple[SearchSpace, dict]:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            key = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("Distribution", "bool", "int", "float", "str", "list", "none")))
-            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-            problems.append(f"{key}: {message}")
+            key = ".".join(str(p) for p in error["loc"] if str(p) not in _UNION_TAGS)
+            problems.append(f"{key}: {error_message(error)}")
         raise ConfigError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None
 
     base_tree = _base_tree(space, path)

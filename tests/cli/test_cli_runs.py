@@ -50,6 +50,11 @@ def test_training_checks_the_run_directory_and_backbone_before_ray_starts(datase
     assert not (tmp_path / "runs" / "r2").exists()
 
 
+def test_a_bad_config_value_is_one_plain_line(monkeypatch, capsys):
+    code, err = _run_main(monkeypatch, capsys, "train", "--set", "data.shape=[0,8,4]")
+    assert code == 2 and err == "error: defaults + --set: data.shape: every axis must be >= 1 (got [0, 8, 4])\n"
+
+
 def test_sweep_checks_space_experiment_and_dataset_before_ray_starts(dataset, tmp_path, monkeypatch, capsys):
     code, err = _run_main(monkeypatch, capsys, "sweep", str(tmp_path / "none.yaml"))
     assert code == 2 and err.count("\n") == 1 and "search-space file does not exist" in err

@@ -57,6 +57,25 @@ def test_bad_spaces_name_file_and_key(tmp_path, body, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "parameter, problem",
+    [
+        ({"type": "loguniform", "low": -1, "high": 2}, "parameters.train.margin: loguniform needs 'low' > 0"),
+        ({"type": "uniform", "low": 2, "high": 1}, "parameters.train.margin: 'low' (2.0) must be below 'high' (1.0)"),
+        ({"type": "triangular", "low": 0.1, "high": 1},
+         "parameters.train.margin.type: Input should be 'uniform', 'loguniform', 'int' or 'choice'"),
+        ({"type": "uniform", "low": 0.1, "high": 1, "stpe": 2}, "parameters.train.margin.stpe: unknown key"),
+    ],
+)
+def test_a_bad_distribution_is_one_problem_not_one_per_kind_of_value(tmp_path, parameter, problem):
+    # A parameter is a distribution or a fixed value; a bad distribution used to be reported
+    # against every kind of fixed value as well ("Input should be a valid boolean; ...").
+    path = write(tmp_path, {"name": "x", "parameters": {"train.margin": parameter}})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: {problem}"
+
+
 def test_conditional_parameters_reach_trials_only_when_active(tmp_path):
     path = write(tmp_path, {
         "name": "cond",
