@@ -17,12 +17,20 @@ def progress_bar(description: str, unit: str = "cases") -> Iterator[Callable[[in
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    # The bar is drawn from the first update on, so work that fails before it starts (a
+    # missing dataset, say) prints its one-line error without an empty "0/?" bar above it.
+    bar = Progress(*columns, transient=False)
+    task = bar.add_task(description, total=None, rate="")
 
-        def update(done: int, total: int) -> None:
-            elapsed = bar.tasks[task].elapsed or 0.0
-            rate = f"{done / elapsed:.1f} {unit}/s" if elapsed > 0 else ""
-            bar.update(task, completed=done, total=total, rate=rate)
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        elapsed = bar.tasks[task].elapsed or 0.0
+        rate = f"{done / elapsed:.1f} {unit}/s" if elapsed > 0 else ""
+        bar.update(task, completed=done, total=total, rate=rate)
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()

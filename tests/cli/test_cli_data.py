@@ -164,3 +164,18 @@ def test_entry_point_prints_one_error_line_for_a_bad_dataset(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and str(missing) in lines[0]
+    assert proc.stdout == ""  # no empty progress bar drawn before the error
+
+
+@pytest.mark.parametrize("command, sentence", [
+    ("train", "the best model by val Recall_M"),
+    ("sweep", "trains through the same trainer builder as `raytumor train`"),
+    ("evaluate", "Rank-5 and, for classifier models, Acc_clf"),
+    ("search", "resized to the run's shape"),
+    ("sweep-report", "from the experiment's leaderboard"),
+])
+def test_help_paragraphs_flow_with_the_terminal(command, sentence):
+    # The docstrings are wrapped at ~90 characters; their line breaks must not reach the help.
+    result = runner.invoke(app, [command, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert sentence in result.output
