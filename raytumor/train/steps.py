@@ -11,7 +11,12 @@ from torch import nn
 
 
 def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU (CPU bf16 conv3d is slower here)."""
+    """bf16 autocast on CUDA; full precision on CPU.
+
+    CPU bf16 conv3d was slower on CPUs without AMX, and on CPUs with AMX torch 2.13's oneDNN
+    kernel is wrong for a strided conv whose innermost output dim is 1 (pytorch/pytorch#169688;
+    the MONAI ResNets' last depth step at small depths).
+    """
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
