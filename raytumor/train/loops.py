@@ -89,17 +89,36 @@ def _not_progress_bars_disabled(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+# Ray Train's worker logs these at INFO for every report: two console lines per epoch per
+# trial, the second the whole metrics dict (136 in one `raytumor demo`), beside the progress
+# bar and Tune's table that show the same. They still reach Ray Train's log files (logs/train/).
+_PER_REPORT_MESSAGES = ("Reporting training result", "Checkpoint successfully created at")
+
+
+def _not_per_report(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_PER_REPORT_MESSAGES)
+
+
+def _quiet_console() -> None:
+    """Drop the two per-report messages above from this worker's console, and Ray Data's notice
+    that the datasets a worker reads have progress bars off (raytumor.train.datasets), which it
+    gives at WARNING in every process that iterates one."""
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if _not_progress_bars_disabled not in progress_logger.filters:
+        progress_logger.addFilter(_not_progress_bars_disabled)
+    # The console handler Ray Train gives its logger in each worker; its file handlers keep all.
+    for handler in logging.getLogger("ray.train").handlers:
+        if isinstance(handler, logging.StreamHandler) and _not_per_report not in handler.filters:
+            handler.addFilter(_not_per_report)
+
+
 def _start(loop_config: dict):
     """The loop's config, this worker's rank / world size / device, seeded per rank."""
     from raytumor.config import RunConfig
     from raytumor.runtime import reuse_freed_memory
 
     reuse_freed_memory()
-    # The datasets a worker reads have Ray Data's progress bars off (raytumor.train.datasets);
-    # Ray Data says so at WARNING in every process that iterates one: a console line per fit.
-    progress_logger = logging.getLogger("ray.data._internal.progress")
-    if _not_progress_bars_disabled not in progress_logger.filters:
-        progress_logger.addFilter(_not_progress_bars_disabled)
+    _quiet_console()
     config = RunConfig.model_validate(loop_config["config"])
     rank, world, device = _context()
     torch.manual_seed(config.seed * 1000 + rank)
