@@ -102,9 +102,8 @@ def error_message(error: dict) -> str:
 
 def _describe(error: dict, source: str) -> str:
     key = ".".join(str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        return f"{source}: {key}: unknown key"
-    return f"{source}: {key}: {error_message(error)} (got {error.get('input')!r})"
+    got = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
+    return f"{source}: {key}: {error_message(error)}{got}"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

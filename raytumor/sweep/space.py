@@ -61,18 +61,20 @@ class Distribution(_Strict):
         return self
 
 
+_UNION_TAGS = DISTRIBUTION, FIXED = "distribution", "fixed"
+
+
 def _parameter_kind(value: Any) -> str:
-    return "distribution" if isinstance(value, (dict, Distribution)) else "fixed"
+    return DISTRIBUTION if isinstance(value, (dict, Distribution)) else FIXED
 
 
 # A mapping is a distribution, anything else a fixed value: without the discriminator a bad
 # distribution was reported against every member of the union ("Input should be a valid
 # boolean; ... a valid integer; ...").
 Parameter = Annotated[
-    Union[Annotated[Distribution, Tag("distribution")], Annotated[Union[Scalar, list], Tag("fixed")]],
+    Union[Annotated[Distribution, Tag(DISTRIBUTION)], Annotated[Union[Scalar, list], Tag(FIXED)]],
     Discriminator(_parameter_kind),
 ]
-_UNION_TAGS = ("distribution", "fixed")
 
 
 class Objective(_Strict):
