@@ -208,6 +208,12 @@ def summary_rows(json_dir: Path, names_run, smoke: bool = False) -> list[dict]:
         for strategy, figures in eff.items():
             row("6", f"sweep {strategy}", f"trial-epochs to target {figures.get('trial_epochs_to_target')} of "
                 f"{figures.get('total_trial_epochs')}, Tune overhead {figures.get('tune_overhead_fraction')}")
+        one, auto = eff.get("tpe_asha"), eff.get("tpe_asha_auto")
+        if one and auto:
+            row("6", "sweep trials at once: 1 (1-CPU workers) vs auto (0.5-CPU workers)",
+                f"{one['sweep_wall_s']:.1f} vs {auto['sweep_wall_s']:.1f} s "
+                f"({one['sweep_wall_s'] / auto['sweep_wall_s']:.2f}x; {auto.get('most_trials_at_once')} at once), "
+                f"{one['trial_epochs_per_min']:.2f} vs {auto['trial_epochs_per_min']:.2f} trial-epochs/min")
         reuse = sw.get("pretrain_reuse") or {}
         if reuse:
             row("6", "pre-training reused across trials", f"{reuse.get('pretraining_fits')} fit(s), "

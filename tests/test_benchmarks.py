@@ -239,3 +239,21 @@ def test_run_refuses_paper_size_with_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--paper-size-data", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--paper-size-data" in proc.stderr and "--smoke" in proc.stderr
+
+
+def test_sweep_efficiency_counts_trials_at_once_and_run_reports_the_ratio(tmp_path):
+    sweep_efficiency = load_benchmark_module("sweep_efficiency")
+    spans = [(0.0, 10.0), (1.0, 5.0), (6.0, 4.0), (10.0, 3.0)]  # (start, time_total_s)
+    assert sweep_efficiency.most_at_once([{"start": a, "time_total_s": d} for a, d in spans]) == 2
+    assert sweep_efficiency.most_at_once([{"start": a, "time_total_s": 1.0} for a in (0.0, 1.0, 2.0)]) == 1
+
+    def figures(wall, epochs_per_min, at_once):
+        return {"sweep_wall_s": wall, "trial_epochs_per_min": epochs_per_min, "most_trials_at_once": at_once,
+                "trial_epochs_to_target": 10, "total_trial_epochs": 20, "tune_overhead_fraction": 0.1}
+
+    (tmp_path / "sweep_efficiency.json").write_text(json.dumps({"efficiency": {
+        "tpe_asha": figures(120.0, 5.0, 1), "random_no_stopping": figures(150.0, 4.0, 1),
+        "tpe_asha_auto": figures(80.0, 7.5, 2)}}))
+    rows = [row for row in load_run_module().summary_rows(tmp_path, ["sweep_efficiency"]) if "at once" in row["name"]]
+    assert len(rows) == 1
+    assert rows[0]["measured"] == "120.0 vs 80.0 s (1.50x; 2 at once), 5.00 vs 7.50 trial-epochs/min"

@@ -17,12 +17,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 import yaml
 
-from raytumor.config import build_config, dump_config, merge
+from raytumor.config import RunConfig, build_config, dump_config, merge
 from raytumor.errors import RaytumorError
 from raytumor.storage import atomic_write_text
 from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
@@ -34,6 +34,9 @@ BEST_FILE = "best.yaml"
 LEADERBOARD_FILE = "leaderboard.csv"
 # Sweeps started before the context moved out of the trial config carry it under this key.
 SWEEP_KEY = "__sweep__"
+# CPUs that `max_concurrent_trials: auto` leaves free: Ray Data reads inside a trial hang when
+# the trials' workers hold every CPU.
+RAY_DATA_CPUS = 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,26 @@ def _trainable(shared_datasets: dict, context: dict):
     # plus 1-CPU workers cannot run on 2 cores); the workers and Ray Data get the CPUs.
     trainable = tune.with_parameters(sweep_trial, context=context, shared_datasets=shared_datasets)
     return tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
+
+
+def trials_at_once(space: SearchSpace, config: RunConfig, cluster: Mapping[str, float]) -> int:
+    """``max_concurrent_trials``, or for ``auto`` as many trials as ``cluster`` (Ray's resources)
+    holds: ``RAY_DATA_CPUS`` left free, no more torch threads than CPUs (a worker of under one
+    CPU still runs one), and a GPU per worker when the trials use GPUs. At least one.
+
+    On 2 CPUs, 1-CPU workers give one trial at a time and 0.5-CPU workers two, which ran the
+    demo sweep 1.8x faster (docs/benchmarks.md, figure 6).
+    """
+    if space.max_concurrent_trials != "auto":
+        return space.max_concurrent_trials
+    workers, cpus_per_worker = config.resources.num_workers, config.resources.cpus_per_worker
+    cpus = cluster.get("CPU", 0.0)
+    limits = [(cpus - RAY_DATA_CPUS) // (workers * cpus_per_worker),
+              cpus // (workers * max(1, math.floor(cpus_per_worker)))]
+    gpus = cluster.get("GPU", 0.0)
+    if config.resources.use_gpu is True or (config.resources.use_gpu == "auto" and gpus > 0):
+        limits.append(gpus // workers)
+    return max(1, int(min(limits)))
 
 
 def _search_alg(space: SearchSpace):
@@ -214,6 +237,7 @@ def run_sweep(
     ``mlflow``: one MLflow run per trial through Ray Tune's MLflow logger. A resumed sweep
     keeps the loggers it was started with (Tune restores them with its state).
     """
+    import ray
     from ray import tune
 
     callbacks = None
@@ -230,11 +254,17 @@ def run_sweep(
     shared = _shared_inputs(space, base_tree)
     context = _context(space, base_tree, experiment_dir)
 
-    max_epochs = build_config(merge(base_tree, nest(space.fixed())), source=space.name).train.epochs
+    fixed_config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
+    max_epochs = fixed_config.train.epochs
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir), trainable=_trainable(shared, context), resume_errored=True,
                                    param_space=_param_space(space))
     else:
+        at_once = trials_at_once(space, fixed_config, ray.cluster_resources())
+        if verbose:
+            trials = len(space.configurations) if space.search == "grid" else space.num_samples
+            why = "auto: what the cluster holds" if space.max_concurrent_trials == "auto" else "max_concurrent_trials"
+            print(f"{space.name}: {trials} trials, at most {at_once} at once ({why})", flush=True)
         tuner = tune.Tuner(
             _trainable(shared, context),
             param_space=_param_space(space),
@@ -244,7 +274,7 @@ def run_sweep(
                 search_alg=_search_alg(space),
                 scheduler=_scheduler(space, max_epochs),
                 num_samples=1 if space.search == "grid" else space.num_samples,
-                max_concurrent_trials=space.max_concurrent_trials,
+                max_concurrent_trials=at_once,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from raytumor.config import RunConfig, build_config, error_message, merge
 from raytumor.errors import ConfigError
@@ -100,7 +100,8 @@ class SearchSpace(_Strict):
     dataset: Optional[str] = None
     search: Literal["tpe", "random", "grid"] = "tpe"
     num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: Union[int, Literal["auto"]] = Field(
+        "auto", description="Trials at once; 'auto': as many as the cluster holds (raytumor.sweep.run.trials_at_once).")
     seed: int = 0
     results_dir: str = "results"
     objective: Objective = Objective()
@@ -109,6 +110,13 @@ class SearchSpace(_Strict):
     final_train_epochs: Optional[int] = Field(None, ge=1, description="Epochs of `train --best` (default: the base's).")
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     configurations: Optional[list[dict[str, Any]]] = None
+
+    @field_validator("max_concurrent_trials", mode="before")
+    @classmethod
+    def _concurrency(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be a positive integer or 'auto', got {value!r}")
 
     @model_validator(mode="after")
     def _grid(self):

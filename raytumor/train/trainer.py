@@ -15,6 +15,7 @@ Run directory ``<output_dir>/<name>/``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Literal, Sequence
 import pandas as pd
 import ray.train
 import torch
+from filelock import FileLock
 
 from raytumor.config import RunConfig
 from raytumor.errors import RaytumorError
@@ -190,18 +192,29 @@ def run_pretraining(
     if target.is_file():
         return target
     cached = cache_dir / pretrain_key(config) / PRETRAINED_BACKBONE_FILE if cache_dir else None
-    if cached is not None and cached.is_file():
-        _copy_bytes(target, cached.read_bytes())
-        return target
-    inputs = pretraining_inputs(config, shared_datasets)
-    files = _fit(build_trainer(config, "pretrain", run_dir, inputs, callbacks=callbacks,
-                               extra_loop_config=extra_loop_config, resume=resume))
-    state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
-    pd.DataFrame(state["history"]).to_csv(run_dir / "pretrain_metrics.csv", index=False)
-    _copy_bytes(target, files[BACKBONE_FILE])
-    if cached is not None:
-        _copy_bytes(cached, files[BACKBONE_FILE])
+    with _one_pretraining_at_a_time(cached):
+        if cached is not None and cached.is_file():
+            _copy_bytes(target, cached.read_bytes())
+            return target
+        inputs = pretraining_inputs(config, shared_datasets)
+        files = _fit(build_trainer(config, "pretrain", run_dir, inputs, callbacks=callbacks,
+                                   extra_loop_config=extra_loop_config, resume=resume))
+        state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
+        pd.DataFrame(state["history"]).to_csv(run_dir / "pretrain_metrics.csv", index=False)
+        _copy_bytes(target, files[BACKBONE_FILE])
+        if cached is not None:
+            _copy_bytes(cached, files[BACKBONE_FILE])
     return target
+
+
+def _one_pretraining_at_a_time(cached: Path | None):
+    """A lock on a cached pre-training: of the sweep trials that run at once and share it, the
+    first computes it and the others wait for its backbone instead of computing it again. An OS
+    file lock, so a trial killed while it holds the lock releases it."""
+    if cached is None:
+        return contextlib.nullcontext()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(cached.parent / ".lock")
 
 
 def _tmp_file(data: bytes):

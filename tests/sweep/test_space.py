@@ -122,3 +122,46 @@ def test_space_resources_reach_the_trial_config(tmp_path):
     space, base = load_search_space(path)
     config = trial_config(base, space, {"train.margin": 0.5})
     assert config.resources.num_workers == 2 and config.resources.cpus_per_worker == 0.5
+
+
+@pytest.mark.parametrize("value", [0, -2, "many", True, 1.5])
+def test_max_concurrent_trials_is_a_positive_integer_or_auto(tmp_path, value):
+    path = write(tmp_path, {"name": "x", "max_concurrent_trials": value})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: max_concurrent_trials: must be a positive integer or 'auto', got {value!r}"
+
+
+@pytest.mark.parametrize(
+    "cluster, resources, at_once",
+    [
+        ({"CPU": 2.0}, {"num_workers": 1, "cpus_per_worker": 1}, 1),  # the other CPU is Ray Data's
+        ({"CPU": 2.0}, {"num_workers": 1, "cpus_per_worker": 0.5}, 2),  # one torch thread per core
+        ({"CPU": 2.0}, {"num_workers": 1, "cpus_per_worker": 0.25}, 2),  # not 4 threads on 2 cores
+        ({"CPU": 2.0}, {"num_workers": 2, "cpus_per_worker": 0.5}, 1),
+        ({"CPU": 16.0}, {"num_workers": 1, "cpus_per_worker": 1}, 15),
+        ({"CPU": 16.0}, {"num_workers": 2, "cpus_per_worker": 2}, 3),
+        ({"CPU": 16.0, "GPU": 2.0}, {"num_workers": 1, "cpus_per_worker": 2}, 2),  # use_gpu auto: a GPU each
+        ({"CPU": 16.0, "GPU": 2.0}, {"num_workers": 1, "cpus_per_worker": 2, "use_gpu": False}, 7),
+        ({"CPU": 0.0}, {"num_workers": 1, "cpus_per_worker": 1}, 1),  # an autoscaling head before its workers
+    ],
+)
+def test_auto_concurrency_fits_the_cluster_with_a_cpu_left_for_ray_data(tmp_path, cluster, resources, at_once):
+    from raytumor.config import build_config
+    from raytumor.sweep.run import trials_at_once
+
+    space, _ = load_search_space(write(tmp_path, {"name": "x"}))
+    assert space.max_concurrent_trials == "auto"
+    assert trials_at_once(space, build_config({"resources": resources}), cluster) == at_once
+    fixed, _ = load_search_space(write(tmp_path, {"name": "x", "max_concurrent_trials": 3}))
+    assert trials_at_once(fixed, build_config({"resources": resources}), cluster) == 3
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_shipped_spaces_run_two_trials_at_once_on_two_cores(path):
+    from raytumor.config import build_config, merge
+    from raytumor.sweep.run import trials_at_once
+    from raytumor.sweep.space import nest
+
+    space, base = load_search_space(path)
+    assert trials_at_once(space, build_config(merge(base, nest(space.fixed()))), {"CPU": 2.0}) == 2

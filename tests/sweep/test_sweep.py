@@ -97,8 +97,9 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(resumed_sweep):
 
 
 def test_trials_ran_one_at_a_time(resumed_sweep):
-    """``max_concurrent_trials`` (1 by default), across the kill and the resume: each trial's
-    reports, from its first to its last, come before the next trial's first."""
+    """``max_concurrent_trials`` (``auto``: 1 for the base's 1-CPU workers on the tests' 2 CPUs),
+    across the kill and the resume: each trial's reports, from its first to its last, come
+    before the next trial's first."""
     _, experiment, *_ = resumed_sweep
     spans = []
     for path in (experiment / "tune").glob("*/result.json"):
