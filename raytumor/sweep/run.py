@@ -186,14 +186,14 @@ def _may_be_set(space: SearchSpace, base_value: Any, key: str) -> bool:
     return bool(value) or any(bool(c.get(key)) for c in space.configurations or [])
 
 
-def _shared_inputs(space: SearchSpace, base_tree: dict) -> dict:
+def _shared_inputs(space: SearchSpace, config: RunConfig) -> dict:
     """Read the cached rows once in the driver; every trial trains from these datasets.
 
-    Data shape and dataset are therefore fixed for a sweep (not sweepable).
+    ``config``: the base with the space's fixed parameters. Data shape and dataset are
+    therefore fixed for a sweep (not sweepable).
     """
     from raytumor.train.datasets import read_stage_datasets
 
-    config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
     return read_stage_datasets(
         config,
         augmented=_may_be_set(space, config.data.augment_rare, "data.augment_rare"),
@@ -251,10 +251,9 @@ def run_sweep(
     if not resume:
         atomic_write_text(experiment_dir / "space.yaml", Path(space_path).read_text())
         atomic_write_text(experiment_dir / "base.yaml", yaml.safe_dump(base_tree, sort_keys=False))
-    shared = _shared_inputs(space, base_tree)
-    context = _context(space, base_tree, experiment_dir)
-
     fixed_config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
+    shared = _shared_inputs(space, fixed_config)
+    context = _context(space, base_tree, experiment_dir)
     max_epochs = fixed_config.train.epochs
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir), trainable=_trainable(shared, context), resume_errored=True,
