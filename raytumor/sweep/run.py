@@ -240,11 +240,13 @@ def run_sweep(
     import ray
     from ray import tune
 
-    callbacks = None
+    from raytumor.sweep.progress import CloseEndedTrialBars, close_worker_bars
+
+    callbacks = [CloseEndedTrialBars()]
     if mlflow is not None:
         from raytumor.sweep.mlflow_logger import sweep_mlflow_logger
 
-        callbacks = [sweep_mlflow_logger(mlflow)]
+        callbacks.append(sweep_mlflow_logger(mlflow))
     space, base_tree, experiment_dir = check_sweep(space_path, name=name, results_dir=results_dir, resume=resume)
     tune_dir = experiment_dir / "tune"
     experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,7 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
+    close_worker_bars()  # the sweep's workers are gone: bars still open would print under the leaderboard
     return summarise(experiment_dir, results, space, base_tree)
 
 

@@ -79,7 +79,9 @@ def _progress(rank: int, total: int, start: int, description: str):
         return None
     from ray.experimental.tqdm_ray import tqdm
 
-    bar = tqdm(total=total, desc=description, unit="epoch")
+    # Flushed at every call (an epoch's end): at tqdm_ray's default of once a second, the update
+    # right after the description was dropped, and every bar showed one epoch fewer than done.
+    bar = tqdm(total=total, desc=description, unit="epoch", flush_interval_s=0)
     if start:
         bar.update(start)
     return bar

@@ -30,7 +30,8 @@ def tiny_space(tmp_path: Path, dataset: Path) -> Path:
         "num_samples": 3,
         "results_dir": str(tmp_path / "results"),
         "base": {"data": {"shape": [16, 16, 4]}, "model": {"width": 0.25},
-                 "train": {"batch_size": 9, "lr": 0.003, "epochs": 2}, "pretrain": {"batch_size": 8, "epochs": 1}},
+                 "train": {"batch_size": 9, "lr": 0.003, "epochs": 2}, "pretrain": {"batch_size": 8, "epochs": 1},
+                 "resources": {"num_workers": 1, "cpus_per_worker": 0.5}},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "final_train_epochs": 3,
         "parameters": {
@@ -96,10 +97,10 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(resumed_sweep):
 
 
 
-def test_trials_ran_one_at_a_time(resumed_sweep):
-    """``max_concurrent_trials`` (``auto``: 1 for the base's 1-CPU workers on the tests' 2 CPUs),
-    across the kill and the resume: each trial's reports, from its first to its last, come
-    before the next trial's first."""
+def test_trials_ran_two_at_a_time(resumed_sweep):
+    """``max_concurrent_trials: auto`` gives 2 for 0.5-CPU workers on the tests' 2 CPUs, across
+    the kill and the resume: the first two trials overlap, and no moment has three running.
+    A trial's span runs from its first report's start to its last report."""
     _, experiment, *_ = resumed_sweep
     spans = []
     for path in (experiment / "tune").glob("*/result.json"):
@@ -107,8 +108,10 @@ def test_trials_ran_one_at_a_time(resumed_sweep):
         spans.append((reports[0]["timestamp"] - reports[0]["time_this_iter_s"], reports[-1]["timestamp"]))
     spans.sort()
     assert len(spans) == 3
-    for (_, end), (next_start, _) in zip(spans, spans[1:]):
-        assert next_start > end - 1, spans  # Tune's timestamps are whole seconds
+    (start_1, end_1), (start_2, end_2), (start_3, end_3) = spans
+    assert min(end_1, end_2) - start_2 > 1, spans  # Tune's timestamps are whole seconds
+    assert start_3 > min(end_1, end_2) - 1, spans
+
 
 def test_sweep_logs_every_trial_to_mlflow_across_the_resume(resumed_sweep):
     from mlflow import MlflowClient
