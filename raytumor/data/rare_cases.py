@@ -18,6 +18,7 @@ import numpy as np
 
 from raytumor.data.augment import AugmentConfig, augment_case
 from raytumor.data.preprocess import META_FILE, SHARD_PARQUET_OPTIONS, SHARDS_DIR, PreparedDataset, read_shards
+from raytumor.runtime import wait_for_free_cpu
 from raytumor.storage import atomic_path, atomic_write_text
 
 
@@ -81,6 +82,7 @@ def augment_rare_cases(
     )
     with atomic_path(target) as tmp:
         tmp.mkdir(parents=True)
+        wait_for_free_cpu()  # the preprocessing job just before may still hold its CPUs
         n_source = source.count()
         if n_source:
             augmented = source.map_batches(

@@ -9,6 +9,7 @@ import numpy as np
 from raytumor.config import RunConfig
 from raytumor.data.manifest import rare_labels, read_classes
 from raytumor.data.preprocess import PrepareSettings, PreparedDataset, find_prepared, prepare_dataset, read_shards
+from raytumor.runtime import wait_for_free_cpu
 
 COLUMNS = ["case_id", "label", "volume"]
 
@@ -34,6 +35,12 @@ def ensure_prepared(config: RunConfig) -> PreparedDataset:
     return find_prepared(config.data.dataset, settings) or prepare_dataset(config.data.dataset, settings)
 
 
+def _materialize(ds):
+    """``ds.materialize()`` once the previous job's CPUs are back (``wait_for_free_cpu``)."""
+    wait_for_free_cpu()
+    return ds.materialize()
+
+
 def _split(ds, *splits: str):
     from ray.data.expressions import col
 
@@ -54,11 +61,11 @@ def class_stratified_shards(ds, n: int) -> list:
     if n < 1:
         raise ValueError(f"need at least one shard, got {n}")
     if n == 1:
-        return [_read_by_workers(ds.materialize())]
+        return [_read_by_workers(_materialize(ds))]
     rows = ds.select_columns(["case_id", "label"]).to_pandas().sort_values(["label", "case_id"], kind="stable")
     ids = rows["case_id"].astype(str).to_numpy()
     shard_of = np.arange(len(ids)) % n
-    return [_read_by_workers(ds.filter(expr=col("case_id").is_in(ids[shard_of == i].tolist())).materialize())
+    return [_read_by_workers(_materialize(ds.filter(expr=col("case_id").is_in(ids[shard_of == i].tolist()))))
             for i in range(n)]
 
 
@@ -84,10 +91,10 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
     a Tune trial is limited to the trial's (zero-CPU) reservation.
     """
     prepared = ensure_prepared(config)
-    rows = read_shards(prepared.shards).select_columns(COLUMNS + ["split"]).materialize()
+    rows = _materialize(read_shards(prepared.shards).select_columns(COLUMNS + ["split"]))
     out = {
-        "train": _split(rows, "train").select_columns(COLUMNS).materialize(),
-        "val": _split(rows, "val").select_columns(COLUMNS).materialize(),
+        "train": _materialize(_split(rows, "train").select_columns(COLUMNS)),
+        "val": _materialize(_split(rows, "val").select_columns(COLUMNS)),
     }
     rare = rare_labels(read_classes(config.data.dataset))
     if augmented and rare:
@@ -96,10 +103,10 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
         extra = augment_rare_cases(prepared, rare, n=config.data.augment_n, seed=config.seed)
         if extra.n_rows:
             rows_extra = read_shards(extra.shards).select_columns(COLUMNS)
-            out["train_augmented"] = out["train"].union(rows_extra).materialize()
+            out["train_augmented"] = _materialize(out["train"].union(rows_extra))
     if pretraining:
         splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)
-        out["pretrain"] = _split(rows, *splits).select_columns(COLUMNS).materialize()
+        out["pretrain"] = _materialize(_split(rows, *splits).select_columns(COLUMNS))
     out = {name: _read_by_workers(ds) for name, ds in out.items()}
     out["shards"] = {name: class_stratified_shards(out[name], config.resources.num_workers)
                      for name in shard if name in out}
