@@ -82,8 +82,12 @@ def _progress(rank: int, total: int, start: int, description: str):
     # Flushed at every call (an epoch's end): at tqdm_ray's default of once a second, the update
     # right after the description was dropped, and every bar showed one epoch fewer than done.
     bar = tqdm(total=total, desc=description, unit="epoch", flush_interval_s=0)
+    # Shown from the loop's start: the driver draws a bar from its first state and times it from
+    # then, so a bar first sent after epoch 1 read "0/12" for no time and then "17.4k epoch/s".
     if start:
         bar.update(start)
+    else:
+        bar.refresh()
     return bar
 
 

@@ -93,6 +93,8 @@ def test_worker_epoch_bar_shows_every_epoch_as_it_ends(manager):
     from raytumor.train.loops import _progress
 
     bar = _progress(rank=0, total=12, start=0, description="train 0fa430e6")
+    (state,) = [b.state for g in manager.bar_groups.values() for b in g.bars_by_uuid.values()]
+    assert state["x"] == 0 and state["total"] == 12  # drawn before the first epoch ends
     for epoch in range(1, 4):
         bar.set_description(f"train 0fa430e6 loss {1 / epoch:.4f}")
         bar.update(1)
@@ -101,3 +103,7 @@ def test_worker_epoch_bar_shows_every_epoch_as_it_ends(manager):
     bar.close()
     assert open_descs(manager) == []
     assert _progress(rank=1, total=12, start=0, description="train 0fa430e6") is None
+    resumed = _progress(rank=0, total=12, start=5, description="train 0fa430e6")
+    (state,) = [b.state for g in manager.bar_groups.values() for b in g.bars_by_uuid.values()]
+    assert state["x"] == 5
+    resumed.close()
