@@ -68,6 +68,16 @@ class CloseEndedTrialBars(tune.Callback):
         # Only now: the trial restarts under the same id, and its new bars must stay.
         close_worker_bars(trial.trial_id)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._ended.pop(trial.trial_id, None)  # an errored trial that a resumed sweep runs again
+
+    def __getstate__(self):
+        # Tune saves its callbacks with the sweep; a resumed sweep starts with none pending.
+        return {}
+
+    def __setstate__(self, state):
+        self._ended = {}
+
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
         for trial_id, ended in list(self._ended.items()):

@@ -107,3 +107,23 @@ def test_worker_epoch_bar_shows_every_epoch_as_it_ends(manager):
     (state,) = [b.state for g in manager.bar_groups.values() for b in g.bars_by_uuid.values()]
     assert state["x"] == 5
     resumed.close()
+
+
+def test_a_restarted_trial_keeps_its_bars_and_a_resumed_sweep_has_nothing_pending(manager):
+    import pickle
+
+    callback = CloseEndedTrialBars()
+    callback.on_trial_error(iteration=5, trials=[], trial=SimpleNamespace(trial_id="4ad830a4"))
+    saved = pickle.loads(pickle.dumps(callback))  # as Tune keeps it in the sweep's state
+
+    # A resumed sweep retries errored trials under their ids: the new run's bars stay,
+    # whether Tune has told the callback that the trial started ...
+    callback.on_trial_start(iteration=6, trials=[], trial=SimpleNamespace(trial_id="4ad830a4"))
+    manager.process_state_update(worker_state("train 4ad830a4", pid=8200, x=0))
+    callback.on_step_begin(iteration=7, trials=[])
+    assert len(open_descs(manager)) == 1
+    close_worker_bars()
+    # ... or, in a new process, has not yet.
+    manager.process_state_update(worker_state("train 4ad830a4", pid=8300, x=0))
+    saved.on_step_begin(iteration=1, trials=[])
+    assert len(open_descs(manager)) == 1
