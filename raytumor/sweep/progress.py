@@ -28,7 +28,7 @@ def close_worker_bars(trial_id: str | None = None) -> int:
     from ray.experimental import tqdm_ray
 
     manager = tqdm_ray._manager
-    if manager is None or not hasattr(manager, "bar_groups"):
+    if manager is None:
         return 0
     pattern = None if trial_id is None else re.compile(rf"\b{re.escape(trial_id)}\b")
     closed = 0
@@ -43,7 +43,7 @@ def close_worker_bars(trial_id: str | None = None) -> int:
             if closed:
                 manager._update_offsets()
     except (AttributeError, KeyError, TypeError):  # another Ray's internals: leave the bars
-        return closed
+        pass
     return closed
 
 
@@ -71,16 +71,16 @@ class CloseEndedTrialBars(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._ended.pop(trial.trial_id, None)  # an errored trial that a resumed sweep runs again
 
-    def __getstate__(self):
-        # Tune saves its callbacks with the sweep; a resumed sweep starts with none pending.
-        return {}
-
-    def __setstate__(self, state):
-        self._ended = {}
-
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
         for trial_id, ended in list(self._ended.items()):
             close_worker_bars(trial_id)
             if now - ended > LATE_STATE_S:
                 del self._ended[trial_id]
+
+    def __getstate__(self):
+        # Tune saves its callbacks with the sweep; a resumed sweep starts with none pending.
+        return {}
+
+    def __setstate__(self, state):
+        self._ended = {}
