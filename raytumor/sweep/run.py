@@ -135,9 +135,16 @@ def _search_alg(space: SearchSpace):
                if space.search == "tpe" else optuna.samplers.RandomSampler(seed=space.seed))
     distributions = {k: v.model_dump(exclude_none=True) for k, v in space.distributions().items()}
     define_by_run = functools.partial(suggest, distributions=distributions, fixed=space.fixed())
-    # Tune wraps it in a ConcurrencyLimiter of TuneConfig(max_concurrent_trials).
-    return OptunaSearch(space=define_by_run, metric=space.objective.metric, mode=space.objective.mode,
-                        sampler=sampler)
+    # Tune wraps it in a ConcurrencyLimiter of TuneConfig(max_concurrent_trials). Creating the
+    # study logs "A new study created in memory" at INFO in the middle of the sweep's console;
+    # Tune saves the searcher with the sweep, so that note says nothing a user can act on.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return OptunaSearch(space=define_by_run, metric=space.objective.metric, mode=space.objective.mode,
+                            sampler=sampler)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _scheduler(space: SearchSpace, max_epochs: int):

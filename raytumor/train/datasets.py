@@ -152,15 +152,29 @@ def _stage_inputs(config: RunConfig, train, shards: list | None, others: dict) -
 
 
 def load_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
-    """A Ray Dataset or DataIterator (a worker's shard) -> ``(volumes (N,2,X,Y,Z) float32, labels (N,))``.
+    """A Ray Dataset or DataIterator (a worker's shard) -> ``(volumes (N,2,X,Y,Z) float32, labels (N,))``,
+    rows in ``case_id`` order.
 
     The shard is read once per run and kept in memory: class-balanced batches need random
-    access per class, and later epochs then never wait for input.
+    access per class, and later epochs then never wait for input. Ray Data keeps no block order
+    (``preserve_order`` is off), and a seeded sampler draws row indices, so rows are put in
+    ``case_id`` order: the same seed then trains on the same batches in every run.
     """
-    volumes, labels = [], []
+    volumes, labels, case_ids = [], [], []
     for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
         volumes.append(np.asarray(batch["volume"], dtype=np.float32))
         labels.append(np.asarray(batch["label"], dtype=np.int64))
+        case_ids.append(np.asarray(batch["case_id"]).astype(str))
     if not volumes:
         return np.zeros((0,), dtype=np.float32), np.zeros((0,), dtype=np.int64)
-    return np.concatenate(volumes), np.concatenate(labels)
+    order = np.argsort(np.concatenate(case_ids), kind="stable")
+    # Each batch is scattered to its sorted rows: no second full-size copy, as a concatenate
+    # followed by a take would make.
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    out = np.empty((len(order), *volumes[0].shape[1:]), dtype=np.float32)
+    start = 0
+    for batch_volumes in volumes:
+        out[position[start:start + len(batch_volumes)]] = batch_volumes
+        start += len(batch_volumes)
+    return out, np.concatenate(labels)[order]

@@ -91,6 +91,15 @@ def _progress(rank: int, total: int, start: int, description: str):
     return bar
 
 
+def _epoch_done(bar, description: str) -> None:
+    """Advance the bar one epoch with its new description, as one state: the driver draws each
+    state it gets, so a description and an update sent apart drew 4 lines an epoch in a log, not 3."""
+    if bar is None:
+        return
+    bar.n += 1  # tqdm_ray's setter sends nothing; set_description sends both
+    bar.set_description(description)
+
+
 def _not_progress_bars_disabled(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
@@ -243,10 +252,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update({"best_" + SELECTION_METRIC: best, "best_epoch": best_epoch})
             history.append(metrics)
             telemetry.record(metrics)
-            if bar is not None:
-                bar.set_description(f"train {config.name} loss {metrics['loss']:.4f} "
-                                    f"val Recall_M {metrics[SELECTION_METRIC]:.3f} {metrics['samples_per_s']:.0f} samples/s")
-                bar.update(1)
+            _epoch_done(bar, f"train {config.name} loss {metrics['loss']:.4f} "
+                             f"val Recall_M {metrics[SELECTION_METRIC]:.3f} {metrics['samples_per_s']:.0f} samples/s")
         files = {}
         if rank == 0:
             files[CHECKPOINT_FILE] = {
@@ -328,10 +335,8 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
         history.append(metrics)
         if telemetry is not None:
             telemetry.record(metrics)
-        if bar is not None:
-            bar.set_description(f"pretrain {config.name} loss {metrics['pretrain_loss']:.4f} "
-                                f"{metrics['samples_per_s']:.0f} samples/s")
-            bar.update(1)
+        _epoch_done(bar, f"pretrain {config.name} loss {metrics['pretrain_loss']:.4f} "
+                         f"{metrics['samples_per_s']:.0f} samples/s")
         files = {}
         if rank == 0:
             backbone = {k: v.detach().cpu() for k, v in _unwrap(model).backbone.state_dict().items()}

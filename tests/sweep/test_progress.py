@@ -87,19 +87,23 @@ def test_a_recovered_trials_new_bars_stay(manager):
     assert len(open_descs(manager)) == 1
 
 
-def test_worker_epoch_bar_shows_every_epoch_as_it_ends(manager):
-    """The loop sets a bar's description and then advances it once per epoch, well within a
-    second: both must reach the driver."""
-    from raytumor.train.loops import _progress
+def test_worker_epoch_bar_shows_every_epoch_as_it_ends(manager, monkeypatch):
+    """Each epoch's end, well within a second of the last, reaches the driver as one state
+    (each state the driver gets is drawn: one log line, not two, per epoch)."""
+    from raytumor.train.loops import _epoch_done, _progress
 
+    sent = []
+    process = manager.process_state_update
+    monkeypatch.setattr(manager, "process_state_update", lambda state: (sent.append(state), process(state)))
     bar = _progress(rank=0, total=12, start=0, description="train 0fa430e6")
     (state,) = [b.state for g in manager.bar_groups.values() for b in g.bars_by_uuid.values()]
     assert state["x"] == 0 and state["total"] == 12  # drawn before the first epoch ends
     for epoch in range(1, 4):
-        bar.set_description(f"train 0fa430e6 loss {1 / epoch:.4f}")
-        bar.update(1)
+        _epoch_done(bar, f"train 0fa430e6 loss {1 / epoch:.4f}")
         (state,) = [b.state for g in manager.bar_groups.values() for b in g.bars_by_uuid.values()]
         assert state["x"] == epoch and state["desc"].endswith(f"loss {1 / epoch:.4f}")
+    assert [s["x"] for s in sent] == [0, 1, 2, 3]
+    _epoch_done(None, "rank 1 has no bar")
     bar.close()
     assert open_descs(manager) == []
     assert _progress(rank=1, total=12, start=0, description="train 0fa430e6") is None

@@ -165,3 +165,28 @@ def test_shipped_spaces_run_two_trials_at_once_on_two_cores(path):
 
     space, base = load_search_space(path)
     assert trials_at_once(space, build_config(merge(base, nest(space.fixed()))), {"CPU": 2.0}) == 2
+
+
+def test_the_searcher_is_built_without_optunas_new_study_line(tmp_path):
+    import logging
+
+    from raytumor.sweep.run import _search_alg
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(handler)
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        space, _ = load_search_space(write(tmp_path, {"name": "x"}))
+        searcher = _search_alg(space)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO  # the caller's setting is back
+        optuna.create_study()  # the handler does see Optuna's INFO lines
+    finally:
+        optuna_logger.removeHandler(handler)
+        optuna.logging.set_verbosity(before)
+    assert searcher is not None
+    messages = [record.getMessage() for record in records]
+    assert len(messages) == 1 and messages[0].startswith("A new study created"), messages

@@ -55,6 +55,25 @@ def test_shards_spread_every_class_evenly_and_keep_every_row(ray_local):
         class_stratified_shards(ds, 0)
 
 
+def test_load_arrays_gives_the_same_rows_whatever_the_block_order(ray_local):
+    # Ray Data keeps no block order: under load, a materialised read came back in another order
+    # (3 of 3 reads with 3 busy processes beside it), and a seeded sampler then drew other batches.
+    ds = labelled_rows(ray_local, {0: 20, 1: 9, 2: 4})
+    volumes, labels = load_arrays(ds)
+    ids, id_labels = ids_and_labels(ds)
+    by_id = dict(zip(ids, id_labels))
+    expected_ids = sorted(ids)
+    assert labels.tolist() == [by_id[i] for i in expected_ids]
+    # Each row's volume is filled with its case number, so the volumes follow the ids too.
+    assert volumes[:, 0, 0, 0, 0].tolist() == [float(i.removeprefix("case-")) for i in expected_ids]
+    for seed in (0, 2, 3):  # seed 1 keeps these 4 blocks in order
+        shuffled = ds.randomize_block_order(seed=seed).materialize()
+        assert ids_and_labels(shuffled)[0] != ids  # the blocks really came in another order
+        other_volumes, other_labels = load_arrays(shuffled)
+        np.testing.assert_array_equal(other_volumes, volumes)
+        np.testing.assert_array_equal(other_labels, labels)
+
+
 def test_sharded_train_config_gives_each_worker_its_shard(ray_local):
     from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
