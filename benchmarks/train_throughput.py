@@ -30,7 +30,10 @@
    ``--watcher-pairs`` fits alternate Ray Train's preemption watcher on (Ray's default) and
    off (raytumor's embedded Ray): the whole-fit time and the whole machine's CPU seconds each.
 
-    python benchmarks/train_throughput.py [--json results.json] [--full-batch] [--smoke]
+By default (~3 min on 2 cores): part 1 at the demo shape, part 2 with 3 fits. ``--full`` adds
+the paper's full shape to part 1 and 3 pairs each of the two settings above (~9 min).
+
+    python benchmarks/train_throughput.py [--json results.json] [--full [--full-batch]] [--smoke]
 """
 
 from __future__ import annotations
@@ -393,13 +396,15 @@ def print_report(results: dict) -> None:
                 print_setting_comparison(label.format(**compared["values"]), compared)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--smoke", action="store_true",
                         help="tiniest sizes (for the test): demo shape width 0.25 only, 2 short epochs at 16x16x4")
-    parser.add_argument("--full-batch", action="store_true", help="batch 30 at the paper's full shape (minutes)")
-    parser.add_argument("--skip-full-shape", action="store_true", help="leave out the paper's full shape")
+    parser.add_argument("--full", action="store_true",
+                        help="the full run (~9 min): the paper's full shape in part 1, and 3 pairs each of "
+                             "--poll-pairs and --watcher-pairs unless given")
+    parser.add_argument("--full-batch", action="store_true", help="with --full: batch 30 at the paper's full shape (minutes)")
     parser.add_argument("--min-seconds", type=float, default=4.0, help="measure each step case at least this long")
     parser.add_argument("--step-threads", type=int, help="torch threads for part 1 (default: torch's default)")
     parser.add_argument("--skip-ray", action="store_true", help="leave out part 2")
@@ -408,18 +413,39 @@ def main() -> None:
     parser.add_argument("--ray-batch", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="Ray Train fits, each between two plain runs")
-    parser.add_argument("--poll-pairs", type=int, default=3,
-                        help="fit pairs at Ray Train's default controller poll (2 s) and raytumor's (0.5 s); 0 = skip")
-    parser.add_argument("--watcher-pairs", type=int, default=3,
+    parser.add_argument("--poll-pairs", type=int,
+                        help="fit pairs at Ray Train's default controller poll (2 s) and raytumor's (0.5 s) "
+                             "(default: 3 with --full, else 0)")
+    parser.add_argument("--watcher-pairs", type=int,
                         help="fit pairs with Ray Train's preemption watcher on (Ray's default) and off (raytumor's "
-                             "embedded Ray); 0 = skip")
+                             "embedded Ray) (default: 3 with --full, else 0)")
     parser.add_argument("--steps-per-epoch", type=int, default=10)
     parser.add_argument("--cases-per-class", type=int, default=6,
                         help="synthetic cases per class (70%% go to train; a class needs >= 2 there)")
     parser.add_argument("--worker-niceness", type=int, default=0,
                         help="niceness of Ray's worker processes (Ray's default is 15; 0 = the plain loop's)")
     parser.add_argument("--workdir", type=Path, help="where the temporary dataset and Ray run storage go (default: the system temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.full_batch and not args.full:
+        parser.error("--full-batch sets the batch of the paper's full shape, which only --full runs")
+    for name in ("poll_pairs", "watcher_pairs"):
+        if getattr(args, name) is None:
+            setattr(args, name, 3 if args.full else 0)
+    return args
+
+
+def step_cases(args: argparse.Namespace) -> list[tuple[tuple[int, int, int], float, int]]:
+    """Part 1's (shape, width, batch) cases."""
+    cases = [(DEMO_SHAPE, 0.25, 30)]
+    if not args.smoke:
+        cases.append((DEMO_SHAPE, 1.0, 30))
+        if args.full:
+            cases.append((PAPER_SHAPE, 1.0, 30 if args.full_batch else 6))
+    return cases
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # keep the table readable
 
@@ -427,16 +453,11 @@ def main() -> None:
 
     if args.step_threads:
         torch.set_num_threads(args.step_threads)
-    full_batch = 30 if args.full_batch else 6
-    cases = [(DEMO_SHAPE, 0.25, 30)]
+    cases = step_cases(args)
     if args.smoke:
         args.min_seconds, args.ray_shape, args.ray_batch = 0.0, [16, 16, 4], 12
         args.epochs, args.steps_per_epoch, args.cases_per_class, args.rounds = 2, 2, 5, 1
         args.poll_pairs = args.watcher_pairs = 0
-    else:
-        cases.append((DEMO_SHAPE, 1.0, 30))
-        if not args.skip_full_shape:
-            cases.append((PAPER_SHAPE, 1.0, full_batch))
 
     results = {"machine": machine(torch_threads_default=torch.get_num_threads()), "step_throughput": [], "settings": vars(args) | {"workdir": str(args.workdir)}}
     for shape, width, batch in cases:

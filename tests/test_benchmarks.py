@@ -61,6 +61,21 @@ def test_train_throughput_smoke(tmp_path):
     assert overhead["preemption_watcher"] is None
 
 
+def test_train_throughput_runs_its_long_parts_only_with_full(capsys):
+    train_throughput = load_benchmark_module("train_throughput")
+    default = train_throughput.parse_args([])
+    assert (default.poll_pairs, default.watcher_pairs) == (0, 0)
+    assert [shape for shape, _, _ in train_throughput.step_cases(default)] == [(32, 32, 8)] * 2
+    full = train_throughput.parse_args(["--full", "--full-batch"])
+    assert (full.poll_pairs, full.watcher_pairs) == (3, 3)
+    assert train_throughput.step_cases(full)[-1] == ((128, 128, 12), 1.0, 30)
+    assert train_throughput.parse_args(["--full", "--poll-pairs", "1"]).poll_pairs == 1
+    assert train_throughput.parse_args(["--watcher-pairs", "2"]).watcher_pairs == 2
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--full-batch"])
+    assert "only --full runs" in capsys.readouterr().err
+
+
 def test_poll_comparison_alternates_the_controller_poll(tmp_path, monkeypatch):
     train_throughput = load_benchmark_module("train_throughput")
     seen = []
