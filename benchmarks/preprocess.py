@@ -24,10 +24,11 @@ and after it. Figures:
    ``write_prepared_shard`` per 16 cases, same split) on two bare processes without Ray
    (a warm ``ProcessPoolExecutor``), bracketed the same way: what two cores give any parallel
    layout at that moment, and ``prepare_dataset``'s share of it.
-2. Cache hit: ``prepare_dataset`` without ``force`` on the unchanged dataset (fingerprint of
-   the manifest and every file's size and mtime, then ``meta.json``), median of 3 calls; and
-   what a user waits for the second run: ``raytumor data prepare`` in a fresh process (it
-   answers a cache hit before starting Ray), median of 3.
+2. Cache hit: ``prepare_dataset`` without ``force`` on the unchanged dataset (the quick look:
+   the manifest's hash and every file's size and mtime against the cache's ``inputs.json``),
+   median of 3 calls, and the full fingerprint it falls back to; and what a user waits for
+   the second run: ``raytumor data prepare`` in a fresh process (it answers a cache hit
+   before importing pandas or starting Ray), median of 3.
 3. Why (left out by ``--skip-variants``), each bracketed by loop runs like the above, warm
    workers: the loop at 1 torch thread (a Ray task runs with ``OMP_NUM_THREADS=1``); the
    previous ``prepare_dataset`` (four Ray Data executions: ``from_pandas`` -> ``map_batches(
@@ -502,7 +503,7 @@ def print_report(results: dict) -> None:
     print(f"   2 bare processes doing the same work, same rounds: {s['processes_speedup_warm']:.2f}x; "
           f"prepare_dataset reaches {s['share_of_processes_warm']:.2f} of their speed")
     print(f"   cache hit {s['cache_hit_s']:.3f} s (median of 3; target < {s['target_cache_hit_s']} s), "
-          f"fingerprint alone {s['fingerprint_s']:.3f} s; `raytumor data prepare` in a fresh process "
+          f"full fingerprint (the fallback) {s['fingerprint_s']:.3f} s; `raytumor data prepare` in a fresh process "
           f"{s['cli_cache_hit_s']:.2f} s (median of 3, Python's start included)")
     print(f"   loop: {lp['cases_per_s']:.0f} cases/s, {lp['wall_s_per_case_ms']:.1f} ms wall and "
           f"{lp['cpu_s_per_case_ms']:.1f} ms CPU per case; read + check {lp['read_check_s']:.2f} s, reorient "

@@ -173,16 +173,20 @@ def prepare(
              "better on a cluster of uneven or shared nodes."),
 ) -> None:
     """Reorient, resize, normalise and stack image+mask into cached Parquet shards, on Ray Data."""
-    from raytumor.data.preprocess import PrepareSettings, find_prepared, prepare_dataset
-    from raytumor.runtime import ray_session
+    from raytumor.data.layout import PrepareSettings, find_prepared_quick
 
     settings = PrepareSettings(shape=_shape(shape))
     # Checked before Ray starts: a cache hit needs no Ray (starting one takes seconds), and a
-    # missing or broken dataset fails at once.
-    prepared = find_prepared(dataset, settings)
-    if prepared is None or force:
-        with ray_session(address, num_cpus=num_cpus):
-            prepared = prepare_dataset(dataset, settings, force=force, blocks_per_cpu=blocks_per_cpu)
+    # missing or broken dataset fails at once. The quick look needs no pandas either.
+    prepared = None if force else find_prepared_quick(dataset, settings)
+    if prepared is None:
+        from raytumor.data.preprocess import find_prepared, prepare_dataset
+        from raytumor.runtime import ray_session
+
+        prepared = find_prepared(dataset, settings)
+        if prepared is None or force:
+            with ray_session(address, num_cpus=num_cpus):
+                prepared = prepare_dataset(dataset, settings, force=force, blocks_per_cpu=blocks_per_cpu)
     state = "cache hit, nothing to do" if prepared.cached else f"{prepared.n_cases / max(prepared.seconds, 1e-9):.1f} cases/s"
     typer.echo(f"prepared {prepared.n_cases} case(s), {prepared.n_quarantined} quarantined ({state}): {prepared.path}")
     if prepared.n_quarantined:

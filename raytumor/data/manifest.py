@@ -10,6 +10,7 @@ Image and mask paths are relative to the dataset directory, or absolute, or URIs
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -20,11 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raytumor.data.layout import CLASSES_FILE, MANIFEST_FILE
 from raytumor.errors import DatasetError
 from raytumor.storage import atomic_write_bytes
 
-MANIFEST_FILE = "manifest.parquet"
-CLASSES_FILE = "classes.parquet"
 SPLITS = ("train", "val", "test", "unlabelled")
 LABELLED_SPLITS = ("train", "val", "test")
 MASK_KINDS = ("ground_truth", "pseudo")
@@ -114,16 +114,22 @@ def write_manifest(dataset_dir: str | os.PathLike, df: pd.DataFrame) -> Path:
 
 def read_manifest(dataset_dir: str | os.PathLike) -> pd.DataFrame:
     """Read ``manifest.parquet`` of a dataset; a missing or broken file is a :class:`DatasetError`."""
+    return read_manifest_and_digest(dataset_dir)[0]
+
+
+def read_manifest_and_digest(dataset_dir: str | os.PathLike) -> tuple[pd.DataFrame, str]:
+    """:func:`read_manifest`, and the SHA-256 of the very bytes it parsed."""
     path = Path(dataset_dir) / MANIFEST_FILE
     if not Path(dataset_dir).is_dir():
         raise DatasetError(f"{dataset_dir}: no such dataset directory")
     if not path.is_file():
         raise DatasetError(f"{path}: missing; create a dataset with `raytumor data demo` or an importer")
     try:
-        table = pq.read_table(path)
+        data = path.read_bytes()
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # noqa: BLE001 - any parquet failure is a broken manifest
         raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
-    return normalise_manifest(table.to_pandas())
+    return normalise_manifest(table.to_pandas()), hashlib.sha256(data).hexdigest()
 
 
 def resolve_path(dataset_dir: str | os.PathLike, path: str | None) -> str | None:

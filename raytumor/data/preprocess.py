@@ -14,63 +14,38 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from raytumor.data.manifest import read_manifest, resolve_path
+from raytumor.data.layout import (  # noqa: F401 - the cache's layout, re-exported
+    INPUTS_FILE,
+    META_FILE,
+    PAPER_SHAPE,
+    PREPARED_DIR,
+    PREPROCESS_VERSION,
+    SHARDS_DIR,
+    PreparedDataset,
+    PrepareSettings,
+    cache_dir,
+    file_stamp,
+    find_prepared_quick,
+    load_prepared,
+    write_inputs_record,
+)
+from raytumor.data.manifest import read_manifest_and_digest, resolve_path
 from raytumor.data.validate import CaseCheckError, CaseProblem, check_case, table_problems, write_quarantine
 from raytumor.data.volumes import ras_voxels
 from raytumor.errors import DatasetError
 from raytumor.storage import atomic_path, atomic_write_text
 
-PREPARED_DIR = "prepared"
-META_FILE = "meta.json"
-SHARDS_DIR = "shards"
-# Bump when the preprocessing maths changes: old caches then stop matching.
-PREPROCESS_VERSION = 1
-PAPER_SHAPE = (128, 128, 12)
 ROW_COLUMNS = ("case_id", "label", "split", "has_mask", "mask_kind", "augmented", "volume")
 # pyarrow.parquet.write_table options for shards of volumes: no dictionary encoding of the
 # voxels. Parquet first tries a dictionary of every float value, which made writing a 16-case
 # shard 14x slower (20 ms instead of 1.4 ms) and the file larger (docs/benchmarks.md, figure 3).
 SHARD_PARQUET_OPTIONS = {"use_dictionary": [c for c in ROW_COLUMNS if c != "volume"]}
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    shape: tuple[int, int, int] = PAPER_SHAPE
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    allow_2d: bool = True
-
-    def __post_init__(self):
-        if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
-            raise ValueError(f"shape must be three positive ints, got {self.shape}")
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-
-
-@dataclass(frozen=True)
-class PreparedDataset:
-    """A complete preprocessing cache: Parquet shards of ``ROW_COLUMNS`` plus ``meta.json``."""
-
-    path: Path
-    fingerprint: str
-    n_cases: int
-    n_quarantined: int
-    shape: tuple[int, int, int]
-    cached: bool = False
-    seconds: float = 0.0
-
-    @property
-    def shards(self) -> Path:
-        return self.path / SHARDS_DIR
-
-    @property
-    def quarantine(self) -> Path:
-        return self.path / "quarantine.csv"
 
 
 def normalise_intensity(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
@@ -155,56 +130,56 @@ def preprocess_batch(batch: pd.DataFrame, settings: PrepareSettings) -> dict[str
     }
 
 
-def _file_stamp(path: str | None) -> list:
-    if path is None or "://" in path:
-        return [path]
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return [path, None]
-    return [path, stat.st_size, stat.st_mtime_ns]
-
-
-def fingerprint(manifest: pd.DataFrame, dataset_dir: str | os.PathLike, settings: PrepareSettings) -> str:
-    """Hash of the manifest rows, each file's size and mtime, the settings and the code version."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"version": PREPROCESS_VERSION, "settings": asdict(settings)}, sort_keys=True).encode())
+def input_records(manifest: pd.DataFrame, dataset_dir: str | os.PathLike) -> list[list]:
+    """What the fingerprint covers per case, in ``case_id`` order: the manifest fields that
+    preprocessing reads, and the image's and mask's :func:`~raytumor.data.layout.file_stamp`."""
+    records = []
     for row in manifest.sort_values("case_id").itertuples(index=False):
         image = resolve_path(dataset_dir, row.image)
         mask = resolve_path(dataset_dir, row.mask)
         label = None if pd.isna(row.label) else int(row.label)
-        record = [row.case_id, label, row.split, row.mask_kind, _file_stamp(image), _file_stamp(mask)]
+        records.append([row.case_id, label, row.split, row.mask_kind, file_stamp(image), file_stamp(mask)])
+    return records
+
+
+def fingerprint(manifest: pd.DataFrame, dataset_dir: str | os.PathLike, settings: PrepareSettings,
+                records: list[list] | None = None) -> str:
+    """Hash of the manifest rows, each file's size and mtime, the settings and the code version
+    (``records``: :func:`input_records`, when already computed)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": PREPROCESS_VERSION, "settings": asdict(settings)}, sort_keys=True).encode())
+    for record in input_records(manifest, dataset_dir) if records is None else records:
         digest.update(json.dumps(record, default=str).encode())
     return digest.hexdigest()[:16]
 
 
-def cache_dir(dataset_dir: str | os.PathLike, settings: PrepareSettings, fp: str) -> Path:
-    shape = "x".join(str(s) for s in settings.shape)
-    return Path(dataset_dir) / PREPARED_DIR / f"{shape}-{fp}"
-
-
-def load_prepared(path: str | os.PathLike) -> PreparedDataset:
-    """Open a complete cache directory (one holding ``meta.json``)."""
-    path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise DatasetError(f"{path}: not a complete preprocessing cache (no {META_FILE}); run `raytumor data prepare`")
-    meta = json.loads(meta_path.read_text())
-    return PreparedDataset(
-        path=path,
-        fingerprint=meta["fingerprint"],
-        n_cases=meta["n_cases"],
-        n_quarantined=meta["n_quarantined"],
-        shape=tuple(meta["shape"]),
-        cached=True,
-    )
-
-
 def find_prepared(dataset_dir: str | os.PathLike, settings: PrepareSettings) -> PreparedDataset | None:
-    """The cache matching the dataset as it is now, or None."""
-    manifest = read_manifest(dataset_dir)
-    path = cache_dir(dataset_dir, settings, fingerprint(manifest, dataset_dir, settings))
-    return load_prepared(path) if (path / META_FILE).is_file() else None
+    """The cache matching the dataset as it is now, or None.
+
+    Asks the cache's ``inputs.json`` first (:func:`~raytumor.data.layout.find_prepared_quick`),
+    then computes the fingerprint; a cache found only that way (one made before ``inputs.json``
+    existed) gets its record, so the next look is quick.
+    """
+    quick = find_prepared_quick(dataset_dir, settings)
+    if quick is not None:
+        return quick
+    manifest, manifest_sha256 = read_manifest_and_digest(dataset_dir)
+    records = input_records(manifest, dataset_dir)
+    fp = fingerprint(manifest, dataset_dir, settings, records)
+    path = cache_dir(dataset_dir, settings, fp)
+    if not (path / META_FILE).is_file():
+        return None
+    _record_inputs(path, dataset_dir, settings, manifest_sha256, fp, records)
+    return load_prepared(path)
+
+
+def _record_inputs(cache: Path, dataset_dir, settings: PrepareSettings, manifest_sha256: str, fp: str,
+                   records: list[list]) -> None:
+    """(Re)write ``inputs.json`` of a cache found or built by its fingerprint: a record it had
+    did not match (an older cache, or a manifest rewritten without changing what is hashed)."""
+    stamps = [stamp for record in records for stamp in record[4:] if stamp[0] is not None]
+    with contextlib.suppress(OSError):  # a read-only dataset: the next look computes the fingerprint again
+        write_inputs_record(cache, dataset_dir, settings, manifest_sha256, fp, stamps)
 
 
 # Ray Data's V2 Parquet reader (2.60's default) lists a directory through a pool of footer-reading
@@ -307,10 +282,14 @@ def prepare_dataset(
         raise ValueError(f"blocks_per_cpu must be at least 1, got {blocks_per_cpu}")
     started = time.perf_counter()
     dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir)
-    fp = fingerprint(manifest, dataset_dir, settings)
+    if not force and (quick := find_prepared_quick(dataset_dir, settings)) is not None:
+        return quick
+    manifest, manifest_sha256 = read_manifest_and_digest(dataset_dir)
+    records = input_records(manifest, dataset_dir)
+    fp = fingerprint(manifest, dataset_dir, settings, records)
     target = cache_dir(dataset_dir, settings, fp)
     if (target / META_FILE).is_file() and not force:
+        _record_inputs(target, dataset_dir, settings, manifest_sha256, fp, records)
         return load_prepared(target)
 
     problems: list[CaseProblem] = table_problems(manifest, None)
@@ -359,6 +338,7 @@ def prepare_dataset(
             "version": PREPROCESS_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        _record_inputs(tmp, dataset_dir, settings, manifest_sha256, fp, records)
         # meta.json last: its presence marks the cache complete.
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
     _remove_stale_caches(target)

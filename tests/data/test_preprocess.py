@@ -14,6 +14,7 @@ from raytumor.data.preprocess import (
     META_FILE,
     PrepareSettings,
     find_prepared,
+    find_prepared_quick,
     normalise_intensity,
     prepare_dataset,
     preprocess_volume,
@@ -143,6 +144,8 @@ def test_prepare_writes_fixed_shape_rows_and_hits_cache(ray_local, tmp_path):
     assert rows.loc[rows["split"] != "unlabelled", "has_mask"].all()
     stamp = (first.path / META_FILE).stat().st_mtime_ns
 
+    # The build records its inputs, so the next look needs neither pandas nor the fingerprint.
+    assert find_prepared_quick(dataset, PrepareSettings(shape=SHAPE)).path == first.path
     second = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
     assert second.cached and second.path == first.path
     assert (first.path / META_FILE).stat().st_mtime_ns == stamp
