@@ -18,7 +18,7 @@ demo: venv
 	$(BIN)/raytumor demo --dir $(DEMO_DIR)
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
