@@ -186,7 +186,8 @@ def prepare(
         prepared = find_prepared(dataset, settings)
         if prepared is None or force:
             with ray_session(address, num_cpus=num_cpus):
-                prepared = prepare_dataset(dataset, settings, force=force, blocks_per_cpu=blocks_per_cpu)
+                # Looked just now (nothing matched, or --force), so build without fingerprinting again.
+                prepared = prepare_dataset(dataset, settings, force=True, blocks_per_cpu=blocks_per_cpu)
     state = "cache hit, nothing to do" if prepared.cached else f"{prepared.n_cases / max(prepared.seconds, 1e-9):.1f} cases/s"
     typer.echo(f"prepared {prepared.n_cases} case(s), {prepared.n_quarantined} quarantined ({state}): {prepared.path}")
     if prepared.n_quarantined:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,26 +160,44 @@ def find_prepared(dataset_dir: str | os.PathLike, settings: PrepareSettings) -> 
     then computes the fingerprint; a cache found only that way (one made before ``inputs.json``
     existed) gets its record, so the next look is quick.
     """
-    quick = find_prepared_quick(dataset_dir, settings)
-    if quick is not None:
-        return quick
-    manifest, manifest_sha256 = read_manifest_and_digest(dataset_dir)
-    records = input_records(manifest, dataset_dir)
-    fp = fingerprint(manifest, dataset_dir, settings, records)
-    path = cache_dir(dataset_dir, settings, fp)
-    if not (path / META_FILE).is_file():
-        return None
-    _record_inputs(path, dataset_dir, settings, manifest_sha256, fp, records)
-    return load_prepared(path)
+    return find_prepared_quick(dataset_dir, settings) or _Inputs.read(dataset_dir, settings).open_cache()
 
 
-def _record_inputs(cache: Path, dataset_dir, settings: PrepareSettings, manifest_sha256: str, fp: str,
-                   records: list[list]) -> None:
-    """(Re)write ``inputs.json`` of a cache found or built by its fingerprint: a record it had
-    did not match (an older cache, or a manifest rewritten without changing what is hashed)."""
-    stamps = [stamp for record in records for stamp in record[4:] if stamp[0] is not None]
-    with contextlib.suppress(OSError):  # a read-only dataset: the next look computes the fingerprint again
-        write_inputs_record(cache, dataset_dir, settings, manifest_sha256, fp, stamps)
+@dataclass(frozen=True)
+class _Inputs:
+    """The dataset as it is now, fingerprinted: what a full look at the cache needs."""
+
+    dataset_dir: Path
+    settings: PrepareSettings
+    manifest: pd.DataFrame
+    manifest_sha256: str
+    records: list
+    fingerprint: str
+
+    @classmethod
+    def read(cls, dataset_dir: str | os.PathLike, settings: PrepareSettings) -> _Inputs:
+        manifest, manifest_sha256 = read_manifest_and_digest(dataset_dir)
+        records = input_records(manifest, dataset_dir)
+        fp = fingerprint(manifest, dataset_dir, settings, records)
+        return cls(Path(dataset_dir), settings, manifest, manifest_sha256, records, fp)
+
+    @property
+    def cache(self) -> Path:
+        return cache_dir(self.dataset_dir, self.settings, self.fingerprint)
+
+    def open_cache(self) -> PreparedDataset | None:
+        """The complete cache of this fingerprint, or None. Its ``inputs.json`` is rewritten:
+        the quick look missed, so any record it had is stale (an older cache, or a manifest
+        rewritten without changing what is hashed)."""
+        if not (self.cache / META_FILE).is_file():
+            return None
+        self.record_into(self.cache)
+        return load_prepared(self.cache)
+
+    def record_into(self, cache: Path) -> None:
+        stamps = [stamp for record in self.records for stamp in record[4:] if stamp[0] is not None]
+        with contextlib.suppress(OSError):  # a read-only dataset: the next look computes the fingerprint again
+            write_inputs_record(cache, self.dataset_dir, self.settings, self.manifest_sha256, self.fingerprint, stamps)
 
 
 # Ray Data's V2 Parquet reader (2.60's default) lists a directory through a pool of footer-reading
@@ -284,13 +302,10 @@ def prepare_dataset(
     dataset_dir = Path(dataset_dir)
     if not force and (quick := find_prepared_quick(dataset_dir, settings)) is not None:
         return quick
-    manifest, manifest_sha256 = read_manifest_and_digest(dataset_dir)
-    records = input_records(manifest, dataset_dir)
-    fp = fingerprint(manifest, dataset_dir, settings, records)
-    target = cache_dir(dataset_dir, settings, fp)
-    if (target / META_FILE).is_file() and not force:
-        _record_inputs(target, dataset_dir, settings, manifest_sha256, fp, records)
-        return load_prepared(target)
+    inputs = _Inputs.read(dataset_dir, settings)
+    if not force and (found := inputs.open_cache()) is not None:
+        return found
+    manifest, fp, target = inputs.manifest, inputs.fingerprint, inputs.cache
 
     problems: list[CaseProblem] = table_problems(manifest, None)
     duplicated = set(p.case_id for p in problems)
@@ -338,7 +353,7 @@ def prepare_dataset(
             "version": PREPROCESS_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _record_inputs(tmp, dataset_dir, settings, manifest_sha256, fp, records)
+        inputs.record_into(tmp)
         # meta.json last: its presence marks the cache complete.
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
     _remove_stale_caches(target)

@@ -8,7 +8,7 @@ import numpy as np
 
 from raytumor.config import RunConfig
 from raytumor.data.manifest import rare_labels, read_classes
-from raytumor.data.preprocess import PrepareSettings, PreparedDataset, find_prepared, prepare_dataset, read_shards
+from raytumor.data.preprocess import PrepareSettings, PreparedDataset, prepare_dataset, read_shards
 from raytumor.runtime import wait_for_free_cpu
 
 COLUMNS = ["case_id", "label", "volume"]
@@ -32,7 +32,7 @@ class StageInputs:
 def ensure_prepared(config: RunConfig) -> PreparedDataset:
     """The preprocessing cache for the config's dataset and shape (built when missing)."""
     settings = PrepareSettings(shape=tuple(config.data.shape))
-    return find_prepared(config.data.dataset, settings) or prepare_dataset(config.data.dataset, settings)
+    return prepare_dataset(config.data.dataset, settings)  # a cache hit when one matches
 
 
 def _materialize(ds):
