@@ -15,8 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """``python benchmarks/<args>`` from the repository root; fails the test on a non-zero exit.
-    The timeout only stops a hung run."""
-    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    The timeout only stops a hung run; a crash (a negative return code) comes with the Python
+    stack of every thread (``-X faulthandler``)."""
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -35,6 +36,20 @@ def load_benchmark_module(name: str = "run"):
 
 def load_run_module():
     return load_benchmark_module("run")
+
+
+@pytest.fixture(scope="module")
+def smoke_demo_data(tmp_path_factory) -> dict[str, Path]:
+    """The demo datasets of ``preprocess.py --smoke`` (cut to 40 cases) and ``read_volume.py
+    --smoke`` (all 135), written here with the scripts' own ``make_data`` and handed to them
+    with ``--data``: one process pays the demo's imports (nilearn, scikit-learn) instead of two."""
+    make_data = load_benchmark_module("preprocess").make_data
+    root = tmp_path_factory.mktemp("bench-demo")
+    data = {}
+    for name, cases in (("preprocess", 40), ("read_volume", None)):
+        data[name], facts = make_data(root / name, 0.0001, (32, 32, 8), cases, 0)
+        assert facts["cases"] == (cases or 135) and facts["generate_s"] is not None
+    return data
 
 
 @pytest.mark.slow
@@ -128,12 +143,14 @@ def test_watcher_comparison_alternates_the_preemption_watcher_and_counts_machine
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_preprocess_smoke(tmp_path):
+def test_preprocess_smoke(tmp_path, smoke_demo_data):
     out = tmp_path / "preprocess.json"
-    # ~30 s on 2 idle cores (Ray start and the workers' first imports dominate); the limit only stops a hang.
-    proc = run_script("benchmarks/preprocess.py", "--smoke", "--json", str(out))
+    # ~45 s on 2 idle cores (two Ray starts and the workers' first imports dominate); the limit only stops a hang.
+    proc = run_script("benchmarks/preprocess.py", "--smoke", "--data", str(smoke_demo_data["preprocess"]),
+                      "--json", str(out))
     assert "speed-up" in proc.stdout and "cache hit" in proc.stdout
     results = json.loads(out.read_text())
+    assert results["dataset"]["reused"] and results["dataset"]["cases"] == 40
     side = results["side_by_side"]
     # Two cold calls, each on a fresh Ray (started, and the first one shut down, untimed), then one warm.
     assert side["cases"] == 40 and [r["cold"] for r in side["runs"]] == [True, True, False]
@@ -196,13 +213,14 @@ def test_scaling_smoke(tmp_path):
     assert results["driver_read"]["read_stage_datasets_s"] > 0 and results["driver_read"]["train_rows"] > 0
 
 
-def test_read_volume_smoke(tmp_path):
+def test_read_volume_smoke(tmp_path, smoke_demo_data):
     out = tmp_path / "read_volume.json"
     # 135 tiny demo cases, one round; ~20 s. The script itself asserts both paths give identical arrays.
-    proc = run_script("benchmarks/read_volume.py", "--smoke", "--json", str(out), timeout=180)
+    proc = run_script("benchmarks/read_volume.py", "--smoke", "--data", str(smoke_demo_data["read_volume"]),
+                      "--json", str(out), timeout=180)
     assert "outputs identical on every case" in proc.stdout
     results = json.loads(out.read_text())
-    assert results["cases"] == 135 and results["identical_output"]
+    assert results["cases"] == 135 and results["identical_output"] and results["dataset"]["reused"]
     ms = results["ms_per_case"]
     assert set(ms) == {"read_zlib", "read_isal", "prepare_copy", "prepare_view"} and min(ms.values()) > 0
     assert results["read_speedup"] == round(ms["read_zlib"] / ms["read_isal"], 2)

@@ -127,7 +127,8 @@ def trials_at_once(space: SearchSpace, config: RunConfig, cluster: Mapping[str, 
 
 def _search_alg(space: SearchSpace):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raytumor.sweep.searcher import ResumableOptunaSearch
 
     if space.search == "grid":
         return None
@@ -141,8 +142,8 @@ def _search_alg(space: SearchSpace):
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return OptunaSearch(space=define_by_run, metric=space.objective.metric, mode=space.objective.mode,
-                            sampler=sampler)
+        return ResumableOptunaSearch(space=define_by_run, metric=space.objective.metric,
+                                     mode=space.objective.mode, sampler=sampler)
     finally:
         optuna.logging.set_verbosity(verbosity)
 

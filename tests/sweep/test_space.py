@@ -190,3 +190,32 @@ def test_the_searcher_is_built_without_optunas_new_study_line(tmp_path):
     assert searcher is not None
     messages = [record.getMessage() for record in records]
     assert len(messages) == 1 and messages[0].startswith("A new study created"), messages
+
+
+def test_the_searcher_keeps_a_resumed_trials_first_value_per_epoch_without_a_warning(tmp_path):
+    """A trial resumed from a checkpoint reports again the epochs after it: Optuna keeps the
+    first value, and the searcher says nothing about it (Optuna warned once per repeat)."""
+    import pickle
+    import warnings
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raytumor.sweep.run import _search_alg
+
+    space, _ = load_search_space(write(tmp_path, {"name": "x", "seed": 0}))
+    searcher = _search_alg(space)
+    metric = space.objective.metric
+    for trial_id in ("t1", "t2"):
+        assert searcher.suggest(trial_id) is not None
+        searcher.on_trial_result(trial_id, {metric: 0.5, "training_iteration": 1})
+        searcher.on_trial_result(trial_id, {metric: 0.6, "training_iteration": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        searcher.on_trial_result("t1", {metric: 0.55, "training_iteration": 2})  # the replayed epoch
+        searcher.on_trial_result("t1", {metric: 0.7, "training_iteration": 3})
+    with pytest.warns(UserWarning, match="already reported"):  # what Ray's OptunaSearch does
+        OptunaSearch.on_trial_result(searcher, "t2", {metric: 0.55, "training_iteration": 2})
+    searcher.on_trial_complete("t1", {metric: 0.7, "training_iteration": 3})
+    first = searcher._ot_study.trials[0]
+    assert first.intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7} and first.value == 0.7
+    assert type(pickle.loads(pickle.dumps(searcher))) is type(searcher)  # Tune saves it with the sweep
