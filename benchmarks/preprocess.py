@@ -298,7 +298,7 @@ def run(args, size: dict, workdir: Path) -> dict:
 
     from raytumor.data.manifest import read_manifest
     from raytumor.data.preprocess import PrepareSettings, fingerprint, prepare_dataset
-    from raytumor.runtime import start_embedded_ray
+    from raytumor.runtime import start_embedded_ray, stop_embedded_ray
 
     settings = PrepareSettings(shape=tuple(args.shape))
     if args.loop_threads:
@@ -335,7 +335,7 @@ def run(args, size: dict, workdir: Path) -> dict:
         for round_ in range(size["cold_rounds"] + size["rounds"]):
             cold = round_ < size["cold_rounds"]
             if cold and round_ > 0:  # not timed, as the first ray.init
-                ray.shutdown()
+                stop_embedded_ray()
                 ray_init_s.append(start_ray())
             seconds, around, prepared = bench.measure(lambda: prepare_dataset(dataset, settings, force=True))
             run_ = {"cold": cold, "prepare_s": round(seconds, 3), "loop_s_around": round(around, 3),
@@ -402,7 +402,7 @@ def run(args, size: dict, workdir: Path) -> dict:
             results["variants"] = variants(dataset, rows, settings, workdir, bench, smoke=args.smoke)
     finally:
         pool.shutdown()
-        ray.shutdown()
+        stop_embedded_ray()
     return results
 
 

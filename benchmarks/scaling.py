@@ -273,7 +273,7 @@ def main() -> None:
     import ray
 
     from raytumor.config import load_config
-    from raytumor.runtime import start_embedded_ray, train_env_vars
+    from raytumor.runtime import start_embedded_ray, stop_embedded_ray, train_env_vars
 
     train_env_vars(embedded=True)  # Ray Train's settings as raytumor's embedded Ray has them
     from raytumor.train.datasets import ensure_prepared
@@ -328,7 +328,7 @@ def main() -> None:
                     "fit_wall_s": [ours["fit_wall_s"], split["fit_wall_s"]],
                 }
         finally:
-            ray.shutdown()
+            stop_embedded_ray()
     results["scaling"] = efficiency_rows(results["runs"])
     print_report(results)
     if args.json:

@@ -146,7 +146,7 @@ def timed_sweep(space_path: Path) -> tuple[Path, float, float, list]:
     return result.experiment_dir, wall, started_at, [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
 
-from raytumor.runtime import start_embedded_ray  # noqa: E402  (as raytumor's embedded Ray starts)
+from raytumor.runtime import start_embedded_ray, stop_embedded_ray  # noqa: E402  (as raytumor's embedded Ray starts)
 
 
 def live_placement_groups(wait_s: float = 15.0) -> int:
@@ -412,7 +412,7 @@ def main() -> None:
                                          "load_average_before_after": load,
                                          "placement_groups_left_after": live_placement_groups()}
         finally:
-            ray.shutdown()
+            stop_embedded_ray()
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -84,7 +84,7 @@ def small_dataset(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs); shut down at the end.
+    """One local Ray for the whole session (2 CPUs); shut down at the end, none of its processes left.
 
     The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
     cleaner needs when Tune stops a trial mid-run.
@@ -98,4 +98,6 @@ def ray_local():
                            log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()
+    from raytumor.runtime import stop_embedded_ray
+
+    stop_embedded_ray()  # and any of its workers left hung at exit

@@ -190,6 +190,66 @@ def test_start_embedded_ray_stops_a_ray_that_came_up_elsewhere(monkeypatch):
     assert calls[-1] == "shutdown"  # its workers would carry a wrong RAY_ADDRESS
 
 
+
+def _process(name: str, ray_address: str) -> subprocess.Popen:
+    """A sleeping process called ``name`` (its argv[0]) with ``RAY_ADDRESS`` set: a stand-in for a
+    Ray worker (Ray names its workers ``ray::<class>``) that hangs."""
+    import os
+    import time
+
+    proc = subprocess.Popen(["bash", "-c", f'exec -a "{name}" sleep 600'], env={**os.environ, "RAY_ADDRESS": ray_address})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until bash has become the named process
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+            if cmdline.read().startswith(name.encode()):
+                return proc
+        time.sleep(0.02)
+    raise AssertionError(f"{name}: not started")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes in /proc")
+def test_a_stopped_embedded_rays_hung_workers_are_killed_and_nothing_else(caplog):
+    import signal
+
+    address = "10.1.2.3:6379"
+    hung = _process("ray::TrainController", address)
+    other_rays = _process("ray::TrainController", "10.1.2.3:6380")
+    not_a_worker = _process("python", address)  # e.g. a driver that used this Ray
+    try:
+        assert runtime.kill_leftover_workers(address) == [hung.pid]
+        assert hung.wait(timeout=10) == -signal.SIGKILL
+        assert other_rays.poll() is None and not_a_worker.poll() is None
+        assert f"killed ray::TrainController (pid {hung.pid})" in caplog.text and address in caplog.text
+        assert runtime.kill_leftover_workers(address) == []
+    finally:
+        for proc in (hung, other_rays, not_a_worker):
+            proc.kill()
+            proc.wait()
+
+
+def test_an_embedded_session_ends_by_killing_what_its_shutdown_left(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _FakeContext("10.1.2.3:6379"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(runtime, "kill_leftover_workers", lambda address: calls.append(address) or [4321])
+    assert runtime.stop_embedded_ray() == [4321]
+    assert calls == ["shutdown", "10.1.2.3:6379"]  # after the shutdown, for that Ray only
+
+    class Started:
+        dashboard_url = None
+
+    stopped = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime, "start_embedded_ray", lambda **kwargs: Started())
+    monkeypatch.setattr(runtime, "stop_embedded_ray", lambda: stopped.append(True))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with runtime.ray_session(num_cpus=1, announce=False):
+        assert not stopped
+    assert stopped == [True]
+
 _EMBEDDED_PROCESSES = """
 import json, os, time
 import ray
