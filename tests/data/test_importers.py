@@ -170,6 +170,70 @@ def test_folder_duplicate_case_id(tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.parametrize(
+    ("case_ids", "error"),
+    [(["s0", "s1", "s0 "], "line 4: duplicate case_id 's0' \\(first on line 2\\)"),
+     (["s0", "", "s2"], "line 3: empty case_id"),
+     (["s0", "  ", "s2"], "line 3: empty case_id")],
+)
+def test_folder_case_ids_are_checked_as_stored(tmp_path, case_ids, error):
+    src = tmp_path / "src"
+    rows = [dict(r, case_id=case_id, label=0) for r, case_id in zip(_source(src, 3), case_ids)]
+    with pytest.raises(DatasetError, match=f"labels.csv: {error}$"):
+        import_folder(src, _csv(tmp_path / "labels.csv", rows), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(
+    ("label", "error"),
+    [("1.5", "line 3: label '1.5' is not an integer; a label is an integer or a class name"),
+     ("NaN", "line 3: label 'NaN' is not an integer"),
+     ("inf", "line 3: label 'inf' is not an integer"),
+     ("-1", "line 3: label '-1' is out of range; labels go from 0 to 2147483647"),
+     ("99999999999", "line 3: label '99999999999' is out of range")],
+)
+def test_folder_bad_label_names_csv_and_line(tmp_path, label, error):
+    src = tmp_path / "src"
+    rows = [dict(r, label=lab) for r, lab in zip(_source(src, 3), ["0", label, "1"])]
+    out = tmp_path / "new" / "ds"
+    with pytest.raises(DatasetError, match=f"labels.csv: {error}"):
+        import_folder(src, _csv(tmp_path / "labels.csv", rows), out)
+    assert not (tmp_path / "new").exists()
+
+
+def test_folder_whole_number_labels_like_1_0_are_integers(tmp_path):
+    src = tmp_path / "src"
+    rows = [dict(r, label=lab) for r, lab in zip(_source(src, 3), ["0", "1.0", " 2 "])]
+    import_folder(src, _csv(tmp_path / "labels.csv", rows), tmp_path / "ds")
+    assert read_manifest(tmp_path / "ds").set_index("case_id")["label"].to_dict() == {"s0": 0, "s1": 1, "s2": 2}
+
+
+def test_folder_header_only_csv(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "labels.csv").write_text("case_id,image,label\n")
+    with pytest.raises(DatasetError, match="labels.csv: no cases"):
+        import_folder(tmp_path / "src", tmp_path / "labels.csv", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_folder_failed_import_removes_the_directories_it_created(tmp_path, monkeypatch):
+    import raytumor.data.importers as importers
+
+    def fail(*args, **kwargs):
+        raise DatasetError("cannot write the manifest")
+
+    src = tmp_path / "src"
+    labels = _csv(tmp_path / "labels.csv", [dict(r, label=0) for r in _source(src, 2)])
+    monkeypatch.setattr(importers, "write_manifest", fail)
+    with pytest.raises(DatasetError, match="cannot write the manifest"):
+        import_folder(src, labels, tmp_path / "new" / "ds")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a directory the user made is not the importer's to remove
+    with pytest.raises(DatasetError, match="cannot write the manifest"):
+        import_folder(src, labels, tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_folder_mixed_int_and_name_labels(tmp_path):
     src = tmp_path / "src"
     rows = [dict(r, label=lab) for r, lab in zip(_source(src, 3), [0, "glioma", 1])]
@@ -243,7 +307,7 @@ def test_folder_all_bad_is_an_error_with_quarantine(tmp_path):
 # --- import_figshare -----------------------------------------------------------------------
 
 
-def write_cheng_mat(path: Path, image: np.ndarray, label: int, pid: str, *, mask: np.ndarray | None = None,
+def write_cheng_mat(path: Path, image: np.ndarray, label: float | np.ndarray, pid: str, *, mask: np.ndarray | None = None,
                     with_mask: bool = True) -> Path:
     """One slice in the Cheng (2017) MATLAB v7.3 layout; h5py sees MATLAB arrays transposed."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,8 +315,8 @@ def write_cheng_mat(path: Path, image: np.ndarray, label: int, pid: str, *, mask
         mask = (image > np.percentile(image, 80)).astype(np.uint8)
     with h5py.File(path, "w") as handle:
         group = handle.create_group("cjdata")
-        group["image"] = image.astype(np.int16).T
-        group["label"] = np.array([[float(label)]])
+        group["image"] = image.T
+        group["label"] = np.array([[float(label)]]) if np.isscalar(label) else label
         group["PID"] = np.array([[ord(c)] for c in pid], dtype=np.uint16)
         if with_mask:
             group["tumorMask"] = mask.T
@@ -329,6 +393,10 @@ def test_figshare_bad_files_quarantined(tmp_path, figshare_src):
     write_cheng_mat(src / "badlabel.mat", _slice(98), 4, "998")
     write_cheng_mat(src / "flat.mat", np.full((14, 10), 5, dtype=np.int16), 2, "997")
     write_cheng_mat(src / "smallmask.mat", _slice(97), 2, "996", mask=np.zeros((4, 4), dtype=np.uint8))
+    write_cheng_mat(src / "fraclabel.mat", _slice(95), 1.7, "995")
+    write_cheng_mat(src / "nanlabel.mat", _slice(94), np.nan, "994")
+    write_cheng_mat(src / "nolabel.mat", _slice(93), np.zeros((0,)), "993")
+    write_cheng_mat(src / "noimage.mat", np.zeros((0, 0), np.int16), 1, "992", mask=np.zeros((0, 0), np.uint8))
     with h5py.File(src / "nostruct.mat", "w") as handle:
         handle["image"] = _slice(96)
     out = tmp_path / "ds"
@@ -344,12 +412,44 @@ def test_figshare_bad_files_quarantined(tmp_path, figshare_src):
         "fig-flat": "constant image",
         "fig-smallmask": "tumorMask shape .* does not match",
         "fig-nostruct": "no struct 'cjdata'",
+        "fig-fraclabel": "^cjdata.label 1.7 is not an integer$",
+        "fig-nanlabel": "^cjdata.label is nan \\(not an integer\\)$",
+        "fig-nolabel": "^cjdata.label is empty$",
+        "fig-noimage": "^cjdata.image is empty$",
     }
     assert set(quarantine.index) == set(expected)
     for case_id, reason in expected.items():
         assert re.search(reason, quarantine.loc[case_id, "reason"]), (case_id, quarantine.loc[case_id, "reason"])
         assert Path(quarantine.loc[case_id, "file"]).name == case_id[len("fig-"):] + ".mat"
     assert not list((out / "images").glob("fig-corrupt*"))
+
+
+@pytest.mark.parametrize(
+    ("image", "stored_dtype"),
+    [(_slice(1), np.int16),
+     (np.random.default_rng(0).random((14, 10)), np.float64),  # in [0, 1): int16 made it all zeros
+     (np.random.default_rng(0).random((14, 10)).astype(np.float32), np.float32),
+     (np.random.default_rng(0).integers(30000, 65535, size=(14, 10)).astype(np.uint16), np.uint16),  # > 32767 wrapped
+     (np.random.default_rng(0).integers(-5, 1000, size=(14, 10)).astype(np.float64), np.int16),  # MATLAB double
+     (np.random.default_rng(0).integers(-70000, 70000, size=(14, 10)).astype(np.int64), np.int32)],
+)
+def test_figshare_keeps_image_values_exactly(tmp_path, image, stored_dtype):
+    write_cheng_mat(tmp_path / "figshare" / "1.mat", image, 1, "P1")
+    import_figshare(tmp_path / "figshare", tmp_path / "ds")
+    stored = nib.load(tmp_path / "ds" / "images" / "fig-1.nii.gz")
+    assert stored.get_data_dtype() == stored_dtype
+    np.testing.assert_array_equal(np.asarray(stored.dataobj)[:, :, 0], image)
+    assert validate_dataset(tmp_path / "ds").ok
+
+
+def test_figshare_names_giving_one_case_id_are_refused(tmp_path):
+    src = tmp_path / "figshare"
+    for k, name in enumerate(["a b", "a_b", "a@b", "c", "d"]):
+        write_cheng_mat(src / f"{name}.mat", _slice(k), k % 3 + 1, f"P{k}")
+    expected = r"figshare: files 'a b.mat', 'a@b.mat', 'a_b.mat' give the same case_id 'fig-a_b'; rename all but one$"
+    with pytest.raises(DatasetError, match=expected):
+        import_figshare(src, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
 
 
 def test_figshare_errors(tmp_path, figshare_src):
@@ -391,14 +491,72 @@ def test_unlabelled_adds_rows(tmp_path):
     assert validate_dataset(dataset).ok
 
 
-def test_unlabelled_second_import_is_an_error(tmp_path):
+def test_unlabelled_second_import_adds_only_new_files(tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3,), shape=SHAPE)
+    pool = _pool(tmp_path / "pool", 2)
+    BAD_CASES[0].write(pool)
+    import_unlabelled(pool, dataset)
+    before = read_manifest(dataset)
+    summary = import_unlabelled(pool, dataset)
+    assert summary.n_imported == 0 and summary.n_already_in_manifest == 2
+    pd.testing.assert_frame_equal(read_manifest(dataset), before)
+    assert len(_quarantine(dataset)) == 1  # the bad file checked again, not listed twice
+
+    write_nifti(pool / "u9.nii.gz", blob_volume(SHAPE, seed=209)[0])
+    summary = import_unlabelled(pool, dataset)
+    assert summary.n_imported == 1 and summary.n_already_in_manifest == 2
+    assert read_manifest(dataset)["case_id"].tolist() == [*before["case_id"], "unl-u9"]
+
+
+def test_unlabelled_nothing_new_is_an_error(tmp_path):
     dataset = make_dataset(tmp_path / "ds", n_per_class=(3,), shape=SHAPE)
     pool = _pool(tmp_path / "pool", 2)
     import_unlabelled(pool, dataset)
     before = read_manifest(dataset)
-    with pytest.raises(DatasetError, match="already in the manifest"):
+    with pytest.raises(DatasetError, match=r"pool: all 2 file\(s\) are already in the manifest of .*ds \(imported twice\?\)$"):
         import_unlabelled(pool, dataset)
     pd.testing.assert_frame_equal(read_manifest(dataset), before)
+    with pytest.raises(DatasetError, match="all 3 file"):
+        import_unlabelled(dataset / "images", dataset)  # stored relative to the dataset
+
+
+def test_unlabelled_another_file_with_a_taken_case_id_is_an_error(tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3,), shape=SHAPE)
+    import_unlabelled(_pool(tmp_path / "pool", 1), dataset)
+    before = read_manifest(dataset)
+    expected = r"other_pool/u0.nii.gz: case_id 'unl-u0' is already in the manifest, for .*/pool/u0.nii.gz; rename the file$"
+    with pytest.raises(DatasetError, match=expected):
+        import_unlabelled(_pool(tmp_path / "other_pool", 1), dataset)
+    pd.testing.assert_frame_equal(read_manifest(dataset), before)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("x.nii", "x.nii.gz"), ("a b.nii.gz", "a_b.nii.gz"), ("sub/y.nii.gz", "sub_y.nii.gz")],
+)
+def test_unlabelled_names_giving_one_case_id_are_refused(tmp_path, names):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3,), shape=SHAPE)
+    before = read_manifest(dataset)
+    pool = tmp_path / "pool"
+    for k, name in enumerate(names):
+        write_nifti(pool / name, blob_volume(SHAPE, seed=200 + k)[0])
+    with pytest.raises(DatasetError, match=f"pool: files {', '.join(repr(n) for n in names)} give the same case_id"):
+        import_unlabelled(pool, dataset)
+    pd.testing.assert_frame_equal(read_manifest(dataset), before)
+
+
+def test_unlabelled_skips_files_the_manifest_holds(tmp_path):
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3,), shape=SHAPE)
+    before = read_manifest(dataset)
+    pool = _pool(tmp_path / "pool", 2)
+    # A labelled image and a mask under other names: neither may reach pre-training.
+    (pool / "scan7.nii.gz").symlink_to(dataset / "images" / "c000.nii.gz")
+    (pool / "scan8.nii.gz").symlink_to(dataset / "masks" / "c001.nii.gz")
+    summary = import_unlabelled(pool, dataset)
+    assert summary.n_imported == 2 and summary.n_already_in_manifest == 2
+    assert summary.summary().endswith("; skipped 2 file(s) the manifest already holds")
+    added = read_manifest(dataset).iloc[len(before):]
+    assert sorted(added["case_id"]) == ["unl-nested_u1", "unl-u0"]
 
 
 def test_unlabelled_bad_files_quarantined(tmp_path):
