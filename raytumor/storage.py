@@ -5,17 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
+
+    The file gets the mode a plain ``open(path, "w")`` gives (0666 less the umask), not
+    ``mkstemp``'s 0600: a dataset on shared storage is read by other users and by Ray workers
+    that may run as another user.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

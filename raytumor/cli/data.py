@@ -123,21 +123,23 @@ def import_unlabelled(
 @app.command("validate")
 def validate(
     dataset: Path = typer.Argument(..., help="Dataset directory."),
-    allow_2d: bool = typer.Option(False, help="Accept 2-D images as depth-1 volumes."),
 ) -> None:
-    """Read every case fully and list each bad one with its file and reason; exit 1 if any."""
+    """Read every case fully and list each bad one with its file and reason; exit 1 if any.
+
+    It applies the rules of `data prepare`: a case that validates is never quarantined there.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from raytumor.data.validate import validate_dataset
 
     with progress_bar("validating") as update:
-        report = validate_dataset(dataset, allow_2d=allow_2d, progress=update)
+        report = validate_dataset(dataset, progress=update)
     console = Console()
     if report.problems:
         table = Table("case_id", "file", "reason", title="Problems")
         for problem in report.problems:
-            table.add_row(problem.case_id, Path(problem.file).name, problem.reason)
+            table.add_row(problem.case_id, problem.file, problem.reason)
         console.print(table)
     console.print(report.summary())
     if not report.ok:

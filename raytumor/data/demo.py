@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from raytumor.data.manifest import LABELLED_SPLITS, build_class_table, write_classes, write_manifest
-from raytumor.errors import DatasetError
+from raytumor.errors import ConfigError, DatasetError
 from raytumor.storage import atomic_path, atomic_write_text
 
 DEMO_MARKER = "demo.json"
@@ -491,12 +491,12 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 def _check_arguments(scale: float, unlabelled: int, shape: Sequence[int]) -> tuple[int, int, int]:
-    if not scale > 0:
-        raise ValueError(f"demo: scale must be > 0, got {scale}")
+    if not 0 < scale < float("inf"):
+        raise ConfigError(f"demo --scale: must be a finite number > 0, got {scale}")
     if unlabelled < 0:
-        raise ValueError(f"demo: unlabelled must be >= 0, got {unlabelled}")
+        raise ConfigError(f"demo --unlabelled: must be >= 0, got {unlabelled}")
     if len(shape) != 3 or any(int(s) < 4 for s in shape):
-        raise ValueError(f"demo: shape must be three ints >= 4, got {tuple(shape)}")
+        raise ConfigError(f"demo --shape: must be three ints >= 4, got {tuple(shape)}")
     return tuple(int(s) for s in shape)
 
 

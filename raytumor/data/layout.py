@@ -27,8 +27,9 @@ PREPARED_DIR = "prepared"
 META_FILE = "meta.json"
 INPUTS_FILE = "inputs.json"
 SHARDS_DIR = "shards"
-# Bump when the preprocessing maths changes: old caches then stop matching.
-PREPROCESS_VERSION = 1
+# Bump when the preprocessing maths, or what it accepts, changes: old caches then stop matching.
+# 2: masks must hold integer labels >= 0.
+PREPROCESS_VERSION = 2
 PAPER_SHAPE = (128, 128, 12)
 
 
@@ -37,7 +38,9 @@ class PrepareSettings:
     shape: tuple[int, int, int] = PAPER_SHAPE
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
-    allow_2d: bool = True
+    # A 2-D image is quarantined, as `raytumor data validate` and the importers do; depth-1
+    # volumes (one slice stored as 3-D, as the Figshare importer writes) are fine.
+    allow_2d: bool = False
 
     def __post_init__(self):
         if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):

@@ -143,6 +143,25 @@ def test_prepare_of_a_missing_dataset_fails_before_ray_starts(tmp_path, monkeypa
     assert code == 2 and err.count("\n") == 1 and "no such dataset directory" in err
 
 
+def test_os_errors_about_a_path_are_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    code, _, err = _run_main(monkeypatch, capsys, "data", "demo", str(tmp_path / "a-file" / "demo"), "--scale", "0.01")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {tmp_path / 'a-file'}: ") and "Traceback" not in err
+
+
+def test_prepare_with_no_cpus_or_no_cluster_fails_at_once(dataset, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "start_embedded_ray", _no_ray)
+    monkeypatch.setattr("ray.init", _no_ray)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    code, _, err = _run_main(monkeypatch, capsys, "data", "prepare", str(dataset), "--num-cpus", "0", "--force")
+    assert code == 2 and err == "error: --num-cpus 0: must be at least 1 (every Ray task needs a CPU; with none, Ray " \
+                               "waits for one forever)\n"
+    address = f"127.0.0.1:{runtime._unused_port()}"
+    code, _, err = _run_main(monkeypatch, capsys, "data", "prepare", str(dataset), "--address", address, "--force")
+    assert code == 2 and err.count("\n") == 1 and f"Ray cluster at {address}: nothing answers there" in err
+
+
 def test_split_keeps_existing_unless_force(dataset):
     before = read_manifest(dataset)["split"].tolist()
     result = runner.invoke(app, ["data", "split", str(dataset), "--seed", "9"])

@@ -20,7 +20,7 @@ from raytumor.data.demo import (
     sample_case,
 )
 from raytumor.data.manifest import read_classes, read_manifest
-from raytumor.errors import DatasetError
+from raytumor.errors import ConfigError, DatasetError
 
 SHAPE = (24, 24, 8)
 SCALE = 0.02
@@ -213,9 +213,11 @@ def test_replaces_an_earlier_demo_dataset_and_reports_progress(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"scale": 0.0}, {"unlabelled": -1}, {"shape": (24, 24)}, {"shape": (24, 24, 2)}]
+    "kwargs, field",
+    [({"scale": 0.0}, "--scale"), ({"scale": float("inf")}, "--scale"), ({"scale": float("nan")}, "--scale"),
+     ({"unlabelled": -1}, "--unlabelled"), ({"shape": (24, 24)}, "--shape"), ({"shape": (24, 24, 2)}, "--shape")],
 )
-def test_rejects_bad_arguments(tmp_path, kwargs):
-    with pytest.raises(ValueError):
+def test_rejects_bad_arguments(tmp_path, kwargs, field):
+    with pytest.raises(ConfigError, match=f"demo {field}: must be"):
         make_demo_dataset(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -138,6 +140,22 @@ def test_non_integer_label_is_a_dataset_error(tmp_path, bad):
         write_manifest(tmp_path, rows)
 
 
+@pytest.mark.parametrize("column", ["case_id", "image", "source"])
+@pytest.mark.parametrize("blank", [None, " "])
+def test_null_or_empty_required_value_names_manifest_column_and_row(tmp_path, column, blank):
+    rows = _rows()
+    rows.loc[1, column] = blank
+    table = pa.Table.from_pandas(rows, preserve_index=False)  # as another tool might write it
+    pq.write_table(table, tmp_path / MANIFEST_FILE)
+    which = "image /abs/b.nii.gz" if column == "case_id" else "case b"
+    message = f"{tmp_path / MANIFEST_FILE}: column {column} is null or empty in row 1 ({which})"
+    with pytest.raises(DatasetError, match=re.escape(message)) as info:
+        read_manifest(tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DatasetError, match=f"column {column} is null or empty in row 1"):
+        write_manifest(tmp_path / "new", rows)
+
+
 def test_read_manifest_missing_or_broken(tmp_path):
     with pytest.raises(DatasetError, match="no such dataset directory"):
         read_manifest(tmp_path / "nowhere")
@@ -152,6 +170,9 @@ def test_resolve_path(tmp_path, monkeypatch):
     assert resolve_path(tmp_path, "images/a.nii.gz") == str((tmp_path / "images/a.nii.gz").resolve())
     assert resolve_path(tmp_path, "/data/a.nii.gz") == "/data/a.nii.gz"
     assert resolve_path(tmp_path, "s3://bucket/a.nii.gz") == "s3://bucket/a.nii.gz"
+    assert resolve_path(tmp_path, "file:///data/my%20scan.nii.gz") == "/data/my scan.nii.gz"
+    assert resolve_path(tmp_path, "FILE://localhost/data/a.nii.gz") == "/data/a.nii.gz"
+    assert resolve_path(tmp_path, "file://host/data/a.nii.gz") == "file://host/data/a.nii.gz"  # not on this machine
     assert resolve_path(tmp_path, None) is None
     assert resolve_path(tmp_path, float("nan")) is None
     # Relative paths are resolved against the dataset, not the working directory.
@@ -217,6 +238,23 @@ def test_read_classes_errors(tmp_path):
         read_classes(tmp_path)
     pd.DataFrame({"label": [0], "name": ["a"], "count": [3]}).to_csv(tmp_path / "classes.csv", index=False)
     with pytest.raises(DatasetError, match="classes.csv.*missing column.*rare"):
+        read_classes(tmp_path)
+    (tmp_path / "classes.csv").write_text("label,name,count,rare\nx,a,3,no\n")
+    with pytest.raises(DatasetError, match=r"classes.csv: column label must hold integers; got 'x' in row 0"):
+        read_classes(tmp_path)
+    (tmp_path / "classes.parquet").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match=r"classes.parquet: unreadable class table \(ArrowInvalid") as info:
+        read_classes(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_rare_flags_in_csv(tmp_path):
+    rows = ["0,a,5,no", "1,b,1,Yes", "2,c,5,FALSE", "3,d,1,true", "4,e,5,0", "5,f,1,1", "6,g,5, No "]
+    (tmp_path / "classes.csv").write_text("label,name,count,rare\n" + "\n".join(rows) + "\n")
+    assert rare_labels(read_classes(tmp_path)) == [1, 3, 5]
+    (tmp_path / "classes.csv").write_text("label,name,count,rare\n0,a,5,no\n1,b,1,maybe\n")
+    with pytest.raises(DatasetError, match=r"classes.csv: column rare must be true/false, yes/no or 1/0; "
+                                           r"got 'maybe' for label 1"):
         read_classes(tmp_path)
 
 

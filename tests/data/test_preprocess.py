@@ -194,6 +194,27 @@ def test_bad_cases_are_quarantined_not_dropped(ray_local, tmp_path):
     assert set(read_rows(ray_local, prepared).index).isdisjoint({nan_case, missing_case})
 
 
+def test_prepare_quarantines_what_validate_flags(ray_local, tmp_path):
+    from raytumor.data.validate import validate_dataset
+
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3, 3))
+    image, mask = blob_volume((20, 20, 6), seed=5)
+    write_nifti(dataset / "odd" / "slice.nii.gz", image[:, :, 0])
+    write_nifti(dataset / "odd" / "image.nii.gz", image)
+    write_nifti(dataset / "odd" / "negative_mask.nii.gz", -mask.astype(np.float32))
+    odd = [dict(case_id="slice", image="odd/slice.nii.gz", mask=None, label=0, split="train", source="test"),
+           dict(case_id="negative-mask", image="odd/image.nii.gz", mask="odd/negative_mask.nii.gz", label=1,
+                split="train", source="test", mask_kind="ground_truth")]
+    write_manifest(dataset, pd.concat([read_manifest(dataset), pd.DataFrame(odd)], ignore_index=True))
+
+    prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
+    quarantine = pd.read_csv(prepared.quarantine).set_index("case_id")
+    assert prepared.n_cases == 6 and sorted(quarantine.index) == ["negative-mask", "slice"]
+    assert quarantine.loc["slice", "reason"].startswith("2-D image of shape (20, 20)")
+    assert quarantine.loc["negative-mask", "reason"].startswith("negative values (min -1)")
+    assert {p.case_id for p in validate_dataset(dataset).problems} == set(quarantine.index)
+
+
 def test_interrupted_prepare_leaves_no_complete_looking_cache(ray_local, tmp_path, monkeypatch):
     import raytumor.data.preprocess as preprocess
 

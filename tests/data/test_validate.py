@@ -62,7 +62,8 @@ def test_each_bad_case_is_named(dataset, case):
     assert len(report.problems) == 1
     problem = report.problems[0]
     assert problem.case_id == f"bad-{case.name}"
-    assert Path(problem.file) == culprits[problem.case_id].resolve()
+    assert problem.file == str(culprits[problem.case_id].relative_to(dataset))  # as the manifest stores it
+    assert problem.reason.startswith(f"{case.culprit}: ")
     assert re.search(case.reason, problem.reason, re.IGNORECASE), problem.reason
     assert "\n" not in problem.reason and str(dataset) not in problem.reason
     assert report.n_bad == 1 and report.n_cases == N_GOOD + 1
@@ -85,7 +86,8 @@ def test_whole_corpus_at_once(dataset):
     assert set(by_case) == set(culprits) | {"dup", "stray-label"}
     for case in BAD_CASES:
         (problem,) = by_case[f"bad-{case.name}"]
-        assert Path(problem.file) == culprits[problem.case_id].resolve()
+        assert problem.file == str(culprits[problem.case_id].relative_to(dataset))
+        assert problem.reason.startswith(f"{case.culprit}: ")
         assert re.search(case.reason, problem.reason, re.IGNORECASE), (case.name, problem.reason)
     assert [(p.file, p.reason) for p in by_case["dup"]] == [("manifest.parquet", "duplicate case_id")] * 2
     (stray_problem,) = by_case["stray-label"]
@@ -166,3 +168,121 @@ def test_write_quarantine(tmp_path, dataset):
     assert sorted(frame["case_id"]) == sorted(f"bad-{c.name}" for c in BAD_CASES[:3])
     write_quarantine(tmp_path / "empty.csv", [])
     assert (tmp_path / "empty.csv").read_text().strip() == "case_id,file,reason"
+
+
+def test_rows_sharing_an_image_are_flagged_after_the_first(dataset):
+    manifest = read_manifest(dataset)
+    first = manifest.iloc[0]
+    image = dataset / first["image"]
+    (dataset / "links").mkdir()
+    (dataset / "links" / "same.nii.gz").symlink_to(image)
+    leak = lambda case_id, path, split: dict(  # noqa: E731
+        case_id=case_id, image=path, mask=None, label=int(first["label"]), label_name=first["label_name"],
+        patient_id=None, split=split, source="test", mask_kind=None)
+    _add_rows(dataset, [leak("again-relative", f"./images/../{first['image']}", "test"),
+                        leak("again-absolute", str(image), "val"),
+                        leak("again-symlink", "links/same.nii.gz", "train")])
+    report = validate_dataset(dataset, threads=2)
+    assert [(p.case_id, p.file) for p in report.problems] == [
+        ("again-relative", f"./images/../{first['image']}"), ("again-absolute", str(image)),
+        ("again-symlink", "links/same.nii.gz")]
+    for problem in report.problems:
+        assert problem.reason == f"image: also the image of case {first['case_id']} (split {first['split']})"
+    assert report.n_bad == 3  # the first row keeps its image
+
+
+def _with_mask(dataset: Path, case_id: str, mask: np.ndarray, mask_kind: str = "ground_truth") -> str:
+    """A good image with ``mask``; returns the mask's path as the manifest stores it."""
+    image, _ = blob_volume(SHAPE, seed=7)
+    image_path = write_nifti(dataset / "masked" / f"{case_id}.nii.gz", image)
+    mask_path = write_nifti(dataset / "masked" / f"{case_id}_mask.nii.gz", mask)
+    _add_rows(dataset, [{**_row(case_id, dataset, image_path, mask_path), "mask_kind": mask_kind}])
+    return str(mask_path.relative_to(dataset))
+
+
+def test_mask_contents_are_checked(dataset):
+    image, blob = blob_volume(SHAPE, seed=7)
+    negative = _with_mask(dataset, "negative", -blob.astype(np.float32))
+    continuous = _with_mask(dataset, "image-as-mask", image - image.min() + 0.5)
+    empty = _with_mask(dataset, "empty", np.zeros(SHAPE, dtype=np.uint8))
+    report = validate_dataset(dataset, threads=2)
+    problems = {p.case_id: p for p in report.problems}
+    assert set(problems) == {"negative", "image-as-mask", "empty"}
+    assert problems["negative"].file == negative
+    assert re.fullmatch(r"mask: negative values \(min -1\).*", problems["negative"].reason)
+    assert problems["image-as-mask"].file == continuous
+    assert problems["image-as-mask"].reason.startswith("mask: non-integer values")
+    assert problems["empty"].file == empty
+    assert problems["empty"].reason == "mask: empty ground-truth mask (no voxel > 0)"
+    with pytest.raises(CaseCheckError, match="negative values") as info:
+        check_case(str(dataset / "masked" / "negative.nii.gz"), str(dataset / negative))
+    assert info.value.role == "mask"  # preprocessing and the importers quarantine it too
+
+
+def test_label_maps_and_empty_pseudo_masks_are_valid(dataset):
+    _, blob = blob_volume(SHAPE, seed=7)
+    brats = blob.astype(np.int16)
+    brats[blob > 0] = np.resize([1, 2, 4], int(blob.sum()))  # BraTS: 1 necrosis, 2 oedema, 4 enhancing
+    _with_mask(dataset, "brats", brats)
+    _with_mask(dataset, "no-tumour-found", np.zeros(SHAPE, dtype=np.uint8), mask_kind="pseudo")
+    report = validate_dataset(dataset, threads=2)
+    assert report.ok, report.problems
+
+
+def test_image_and_mask_with_one_basename_are_told_apart(dataset):
+    manifest = read_manifest(dataset)
+    case = manifest.iloc[0]
+    assert Path(case["image"]).name == Path(case["mask"]).name
+    write_nifti(dataset / case["mask"], np.zeros((3, 3, 3), dtype=np.uint8))
+    (problem,) = validate_dataset(dataset).problems
+    assert problem.file == case["mask"] and problem.reason.startswith("mask: mask shape")
+
+
+def test_gzip_cut_short_in_the_header_is_named(tmp_path):
+    image, _ = blob_volume(SHAPE)
+    raw = write_nifti(tmp_path / "img.nii.gz", image).read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(raw[:60])
+    with pytest.raises(CaseCheckError) as info:
+        check_case(str(cut), None)
+    assert info.value.reason.startswith("truncated or corrupt gzip (EOFError"), info.value.reason
+    not_gzip = tmp_path / "text.nii.gz"
+    not_gzip.write_text("notes")
+    with pytest.raises(CaseCheckError, match="not NIfTI"):
+        check_case(str(not_gzip), None)
+
+
+def test_file_uris_are_read_and_other_schemes_named(dataset):
+    image, _ = blob_volume(SHAPE, seed=3)
+    path = write_nifti(dataset / "uri" / "my scan.nii.gz", image)
+    rows = [dict(_row("file-uri", dataset, path, None), image=path.as_uri()),
+            dict(_row("s3", dataset, path, None), image="s3://bucket/scan.nii.gz")]
+    _add_rows(dataset, rows)
+    (problem,) = validate_dataset(dataset).problems
+    assert problem.case_id == "s3" and problem.file == "s3://bucket/scan.nii.gz"
+    assert problem.reason == "image: cannot read s3:// URIs; give a local path or a file:///path URI"
+
+
+def test_two_d_images_are_judged_as_preprocessing_judges_them(dataset):
+    from raytumor.data.layout import PrepareSettings
+
+    assert PrepareSettings().allow_2d is False  # `data prepare` quarantines them too
+    image, _ = blob_volume(SHAPE)
+    path = write_nifti(dataset / "slices" / "s.nii.gz", image[:, :, 0])
+    _add_rows(dataset, [_row("slice", dataset, path, None)])
+    (problem,) = validate_dataset(dataset).problems
+    assert problem.case_id == "slice" and "2-D image" in problem.reason
+
+
+@pytest.mark.parametrize("write, reason", [
+    (lambda d: (d / "classes.parquet").write_bytes(b"junk"), r"unreadable class table \(ArrowInvalid"),
+    (lambda d: ((d / "classes.parquet").unlink(), (d / "classes.csv").write_text("label,name\n0,a\n")),
+     r"missing column\(s\) count, rare"),
+])
+def test_broken_class_table_says_what_is_wrong(dataset, write, reason):
+    write(dataset)
+    problems = validate_dataset(dataset).problems
+    assert len(problems) == 1 and problems[0].case_id == "*"
+    assert problems[0].file in ("classes.parquet", "classes.csv")
+    assert re.match(reason, problems[0].reason), problems[0].reason
+    assert "\n" not in problems[0].reason and str(dataset) not in problems[0].reason
