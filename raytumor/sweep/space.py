@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from raytumor.config import RunConfig, build_config, error_message, merge
+from raytumor.config import (DirectoryName, Integer, Real, RunConfig, build_config, describe_error, error_message, merge,
+                             read_yaml_file)
 from raytumor.errors import ConfigError
 
 Scalar = Union[bool, int, float, str, None]
@@ -29,9 +29,9 @@ class _Strict(BaseModel):
 
 class Distribution(_Strict):
     type: Literal["uniform", "loguniform", "int", "choice"]
-    low: Optional[float] = None
-    high: Optional[float] = None
-    step: Optional[int] = None
+    low: Optional[Real] = Field(None, allow_inf_nan=False)
+    high: Optional[Real] = Field(None, allow_inf_nan=False)
+    step: Optional[Integer] = None
     values: Optional[list[Scalar]] = None
     when: Optional[dict[str, Scalar]] = None
 
@@ -77,37 +77,50 @@ Parameter = Annotated[
 ]
 
 
+# What the training loop (raytumor/train/loops.py) reports to Tune every epoch on the validation
+# split: ``val_`` + the scores of ``eval_step``, and the best Recall_M so far.
+OBJECTIVE_METRICS = ("val_recall_macro", "val_recall_micro", "val_recall_macro_rare", "val_rank5",
+                     "best_val_recall_macro")
+
+
 class Objective(_Strict):
     metric: str = "val_recall_macro"
     mode: Literal["max", "min"] = "max"
 
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value):
+        if value not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown metric {value!r}; the training loop reports {', '.join(OBJECTIVE_METRICS)}")
+        return value
+
 
 class Scheduler(_Strict):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(2, ge=1, description="Epochs every trial runs before it can be stopped.")
-    reduction_factor: float = Field(3.0, gt=1)
+    grace_period: Integer = Field(2, ge=1, description="Epochs every trial runs before it can be stopped.")
+    reduction_factor: Real = Field(3.0, gt=1, allow_inf_nan=False)
 
 
 class TrialResources(_Strict):
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    num_workers: Integer = Field(1, ge=1)
+    cpus_per_worker: Real = Field(1.0, gt=0, allow_inf_nan=False)
+    gpus_per_worker: Real = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class SearchSpace(_Strict):
-    name: str
+    name: DirectoryName
     base: Union[str, dict, None] = None
     dataset: Optional[str] = None
     search: Literal["tpe", "random", "grid"] = "tpe"
-    num_samples: int = Field(8, ge=1)
+    num_samples: Integer = Field(8, ge=1)
     max_concurrent_trials: Union[int, Literal["auto"]] = Field(
         "auto", description="Trials at once; 'auto': as many as the cluster holds (raytumor.sweep.run.trials_at_once).")
-    seed: int = 0
+    seed: Integer = 0
     results_dir: str = "results"
     objective: Objective = Objective()
     scheduler: Scheduler = Scheduler()
     resources: TrialResources = TrialResources()
-    final_train_epochs: Optional[int] = Field(None, ge=1, description="Epochs of `train --best` (default: the base's).")
+    final_train_epochs: Optional[Integer] = Field(None, ge=1, description="Epochs of `train --best` (default: the base's).")
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     configurations: Optional[list[dict[str, Any]]] = None
 
@@ -162,12 +175,7 @@ def load_search_space(path: str | os.PathLike) -> tuple[SearchSpace, dict]:
     naming the file and the key.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search-space file does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    raw = read_yaml_file(path, "search-space")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
@@ -176,7 +184,7 @@ def load_search_space(path: str | os.PathLike) -> tuple[SearchSpace, dict]:
         problems = []
         for error in exc.errors():
             key = ".".join(str(p) for p in error["loc"] if str(p) not in _UNION_TAGS)
-            problems.append(f"{key}: {error_message(error)}")
+            problems.append(f"{key + ': ' if key else ''}{error_message(error)}")
         raise ConfigError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None
 
     base_tree = _base_tree(space, path)
@@ -200,9 +208,9 @@ def _base_tree(space: SearchSpace, path: Path) -> dict:
     if not base_path.is_file():
         base_path = Path(space.base)
     try:
-        loaded = yaml.safe_load(base_path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: base: {space.base}: config file does not exist") from None
+        loaded = read_yaml_file(base_path, "config") or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: base: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: base: {space.base}: expected a mapping")
     return loaded
@@ -223,11 +231,21 @@ def _check_keys(space: SearchSpace, base_tree: dict, path: Path) -> None:
                 candidates.append((f"parameters.{dist_key}", {**example, dist_key: value}))
     for index, overrides in enumerate(space.configurations or []):
         candidates.append((f"configurations[{index}]", {**space.fixed(), **overrides}))
+    base = f"base: {space.base}" if isinstance(space.base, str) else "base"
     for where, flat in candidates:
         try:
-            build_config(merge(base_tree, nest(flat)), source=f"{path}: {where}")
-        except ConfigError as exc:
-            raise ConfigError(str(exc)) from None
+            RunConfig.model_validate(merge(base_tree, nest(flat)))
+        except ValidationError as exc:
+            problems = [describe_error(error, f"{path}: {where if _set_by(flat, error) else base}")
+                        for error in exc.errors()]
+            raise ConfigError("; ".join(problems)) from None
+
+
+def _set_by(flat: dict[str, Any], error: dict) -> bool:
+    """Whether the config key of a validation ``error`` is one of the dotted keys of ``flat``
+    (or above or below one); if not, the error is the base config's."""
+    key = ".".join(str(p) for p in error["loc"])
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in flat)
 
 
 def suggest(trial, distributions: dict[str, dict], fixed: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """A run's directory and inputs, checked before Ray starts. This module imports neither torch
-nor Ray, so a bad ``raytumor train`` fails before their imports and Ray's start (seconds)."""
+nor Ray (torch only to check a pre-trained backbone), so a bad ``raytumor train`` fails before
+their imports and Ray's start (seconds)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from raytumor.config import RunConfig, dump_config
 from raytumor.data.manifest import read_manifest
-from raytumor.errors import RaytumorError
+from raytumor.errors import ConfigError, RaytumorError
 from raytumor.storage import atomic_write_text
 
 PRETRAINED_BACKBONE_FILE = "pretrain_backbone.pt"
@@ -33,7 +35,7 @@ def check_run(config: RunConfig, *, resume: bool | str) -> None:
     _checked_run_dir(config, resume)
     read_manifest(config.data.dataset)
     if config.train.pretrained:
-        resolve_pretrained(config.train.pretrained)
+        check_pretrained_backbone(config)
 
 
 def prepare_run_dir(config: RunConfig, *, resume: bool | str) -> tuple[Path, bool]:
@@ -50,5 +52,29 @@ def resolve_pretrained(path: str) -> str:
     if candidate.is_dir():
         candidate = candidate / PRETRAINED_BACKBONE_FILE
     if not candidate.is_file():
-        raise RaytumorError(f"train.pretrained: {path}: no pre-trained backbone found (expected {PRETRAINED_BACKBONE_FILE})")
+        raise ConfigError(f"train.pretrained: {path}: no pre-trained backbone found (expected {PRETRAINED_BACKBONE_FILE})")
     return str(candidate.resolve())
+
+
+def check_pretrained_backbone(config: RunConfig) -> None:
+    """Load ``train.pretrained`` as every training worker will, into the config's encoder: a
+    damaged file or one of another encoder or width fails here once, not in each worker's retries."""
+    import torch
+
+    from raytumor.models import build_model, load_backbone_weights
+
+    path = resolve_pretrained(config.train.pretrained)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: RuntimeError, UnpicklingError, EOFError, ... by how it is damaged
+        message = str(exc).strip()
+        reason = message.splitlines()[0].split(". ")[0] if message else type(exc).__name__
+        raise ConfigError(f"train.pretrained: {path}: not a loadable weights file ({reason})") from None
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"train.pretrained: {path}: expected a state dict of weights, got a {type(state).__name__}")
+    model = build_model(config.model.encoder, in_channels=2, width=config.model.width)
+    try:
+        load_backbone_weights(model, state)
+    except ValueError as exc:
+        raise ConfigError(f"train.pretrained: {path}: {exc}; this run has model.encoder {config.model.encoder!r}, "
+                          f"model.width {config.model.width}") from None

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raytumor.errors import ConfigError
-from raytumor.sweep.space import load_search_space, suggest, trial_config
+from raytumor.sweep.space import OBJECTIVE_METRICS, load_search_space, suggest, trial_config
 
 SPACES = sorted(Path(__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml"))
 
@@ -74,6 +74,111 @@ def test_a_bad_distribution_is_one_problem_not_one_per_kind_of_value(tmp_path, p
     with pytest.raises(ConfigError) as error:
         load_search_space(path)
     assert str(error.value) == f"{path}: {problem}"
+
+
+def test_an_objective_the_training_loop_does_not_report_is_refused_before_ray(tmp_path):
+    path = write(tmp_path, {"name": "x", "objective": {"metric": "val_acc", "mode": "max"}})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == (f"{path}: objective.metric: unknown metric 'val_acc'; the training loop reports "
+                                + ", ".join(OBJECTIVE_METRICS))
+
+
+def test_the_objective_metrics_are_what_the_training_loop_reports():
+    """The loop reports ``val_`` + ``eval_step``'s scores (raytumor/train/loops.py)."""
+    import numpy as np
+    import torch
+
+    from raytumor.models import build_model
+    from raytumor.train.steps import eval_step
+
+    rng = np.random.default_rng(0)
+    volumes = rng.normal(size=(6, 2, 8, 8, 4)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    model = build_model("paper_cnn", width=0.0625, embedding_dim=4)
+    scores = eval_step(model, (volumes, labels), (volumes, labels), torch.device("cpu"))
+    reported = {f"val_{key}" for key in scores} | {"best_val_recall_macro"}
+    assert set(OBJECTIVE_METRICS) <= reported
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/escape", "", ".", "..", "a\\b"])
+def test_an_experiment_name_is_one_directory_name(tmp_path, name):
+    # name: ../../escape wrote the experiment to /tmp/escape.
+    path = write(tmp_path, {"name": name})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: name: must be one directory name: not empty, '.' or '..', no '/' or '\\'"
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ({"parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": float("inf")}}},
+         "parameters.train.margin.high: Input should be a finite number"),
+        ({"parameters": {"train.lr": float("nan")}}, "parameters: train.lr: Input should be a finite number (got nan)"),
+        ({"scheduler": {"reduction_factor": float("inf")}}, "scheduler.reduction_factor: Input should be a finite number"),
+        ({"num_samples": True}, "num_samples: must be a number, not a boolean"),
+    ],
+)
+def test_space_numbers_are_finite_and_not_booleans(tmp_path, body, problem):
+    path = write(tmp_path, {"name": "x", **body})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: {problem}"
+
+
+def test_a_whole_space_error_has_no_empty_key(tmp_path):
+    path = write(tmp_path, {"name": "x", "search": "grid"})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: search: grid needs a non-empty 'configurations' list"
+
+
+def test_a_bad_key_of_the_base_is_reported_against_the_base(tmp_path):
+    parameters = {"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}}
+    path = write(tmp_path, {"name": "x", "base": {"train": {"epochz": 2}}, "parameters": parameters})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: base: train.epochz: unknown key"
+
+    (tmp_path / "base.yaml").write_text("train:\n  epochz: 2\n")
+    path = write(tmp_path, {"name": "x", "base": "base.yaml", "parameters": parameters})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: base: base.yaml: train.epochz: unknown key"
+
+    path = write(tmp_path, {"name": "x", "base": {"train": {"epochs": 2}}, "parameters": {**parameters, "train.epochz": 3}})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: parameters: train.epochz: unknown key"
+
+
+def test_a_space_or_base_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"\xff\xfe\x80bad")
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: not a UTF-8 text file (byte 0xff at offset 0)"
+
+    (tmp_path / "base.yaml").write_bytes(b"name: \x80")
+    path = write(tmp_path, {"name": "x", "base": "base.yaml"})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: base: {tmp_path / 'base.yaml'}: not a UTF-8 text file (byte 0x80 at offset 6)"
+
+
+def test_a_key_given_twice_in_a_space_or_base_is_an_error(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("name: x\nparameters:\n  train.margin: 0.5\n  train.margin: 0.7\n")
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: duplicate key 'train.margin' (line 4)"
+
+    (tmp_path / "base.yaml").write_text("seed: 1\nseed: 2\n")
+    path = write(tmp_path, {"name": "x", "base": "base.yaml"})
+    with pytest.raises(ConfigError) as error:
+        load_search_space(path)
+    assert str(error.value) == f"{path}: base: {tmp_path / 'base.yaml'}: duplicate key 'seed' (line 2)"
 
 
 def test_conditional_parameters_reach_trials_only_when_active(tmp_path):
