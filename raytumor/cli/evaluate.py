@@ -41,15 +41,21 @@ def _metric_table(rows: list[dict], title: str):
 def evaluate(
     runs: Optional[List[Path]] = typer.Argument(
         None, help="Run directories (from `raytumor train`); several give one comparison table. "
-        "Default: the latest `raytumor train --best` run."
+        "Default: the latest `raytumor train --best` run recorded in --results-dir."
     ),
-    k: int = typer.Option(7, "--k", min=1, help="K of the K-nearest-neighbour vote (the paper's is 7)."),
+    k: int = typer.Option(
+        7, "--k", min=1, help="K of the K-nearest-neighbour vote (the paper's is 7); at most the number of train+val cases."
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="New report directory (must not exist or be empty); default: FIRST_RUN/reports/<timestamp>."
     ),
     dataset: Optional[Path] = DatasetOpt,
     examples: int = typer.Option(4, "--examples", min=0, help="Test cases shown with their 5 nearest neighbours."),
     batch_size: int = BatchOpt,
+    results_dir: str = typer.Option(
+        "results", "--results-dir",
+        help="Where `raytumor train --best` recorded its run (give it the same --results-dir); used without RUN.",
+    ),
 ) -> None:
     """Table 2 metrics on the test split: K-NN over train+val embeddings; writes metrics.json, report.md, report.html.
 
@@ -66,7 +72,7 @@ def evaluate(
     if not runs:
         from raytumor.sweep.run import latest_best_run
 
-        runs = [latest_best_run()]
+        runs = [latest_best_run(results_dir)]
     from raytumor.train.trainer import best_model_path
 
     for run in runs:  # every run checked before any is embedded
@@ -76,7 +82,11 @@ def evaluate(
     for run in runs:
         with progress_bar(f"embed {run.name}") as update:
             embedded = embed_run(run, dataset=dataset, batch_size=batch_size, progress=update)
-        evaluations.append(evaluate_run(embedded, k=k))
+        evaluation = evaluate_run(embedded, k=k)
+        if evaluation.scores["k"] < k:
+            typer.echo(f"note: --k {k} is more than the {len(evaluation.reference)} train+val reference cases of "
+                       f"{run}; K = {evaluation.scores['k']} used", err=True)
+        evaluations.append(evaluation)
     path = write_report(evaluations, target, examples=examples)
     ks = sorted({ev.scores["k"] for ev in evaluations})
     console = Console()
@@ -116,12 +126,22 @@ def search(
 
     The scan is preprocessed like the training data (reoriented to RAS, resized to the run's
     shape, normalised). Without an index (or with one older than the model) the index is
-    built first, from the run's preprocessing cache.
+    built first, from the run's preprocessing cache. A bad scan given alone is an error. In a
+    folder, bad scans are skipped: the others are searched and written, the bad ones listed
+    with their reasons on stderr and in <CSV>-quarantine.csv next to the matches, and the
+    exit code is 1.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from raytumor.evaluate.retrieval import default_csv_path, ensure_index, find_scans, search_scans
+    from raytumor.evaluate.retrieval import (
+        ScanError,
+        default_csv_path,
+        ensure_index,
+        find_scans,
+        quarantine_csv_path,
+        search_scans,
+    )
     from raytumor.storage import atomic_write_text
 
     scans = find_scans(image, mask)  # bad paths fail before any model or index work
@@ -130,18 +150,37 @@ def search(
         typer.echo(f"built the retrieval index ({len(index)} labelled cases): {index.path}")
     results = search_scans(run, scans, top=top, index=index)
     batch = image.is_dir()
+    if not batch and results.problems:
+        [problem] = results.problems
+        raise ScanError(problem.file, problem.reason)
+    matches = results.matches
     if batch or csv is not None:
         path = csv if csv is not None else default_csv_path(run, image)
-        atomic_write_text(path, results.to_csv(index=False, float_format="%.6f"))
+        atomic_write_text(path, matches.to_csv(index=False, float_format="%.6f"))
+    if batch:
+        quarantine = quarantine_csv_path(path)
+        if results.problems:
+            atomic_write_text(quarantine, results.problems_frame().to_csv(index=False))
+        else:  # one left by an earlier search into the same --csv would list scans that are fine now
+            quarantine.unlink(missing_ok=True)
     console = Console()
     if batch:
-        table = Table("scan", "top match", "class", "distance", title=f"{len(scans)} scan(s): nearest labelled case")
-        for _, row in results[results["rank"] == 1].iterrows():
+        searched = len(scans) - len(results.problems)
+        table = Table("scan", "top match", "class", "distance", title=f"{searched} scan(s): nearest labelled case")
+        for _, row in matches[matches["rank"] == 1].iterrows():
             table.add_row(Path(row["query"]).name, row["case_id"], row["label_name"], f"{row['distance']:.4f}")
     else:
         table = Table("rank", "case id", "class", "distance", title=f"Top {top} labelled matches of {image.name}")
-        for _, row in results.iterrows():
+        for _, row in matches.iterrows():
             table.add_row(str(row["rank"]), row["case_id"], row["label_name"], f"{row['distance']:.4f}")
     console.print(table)
     if batch or csv is not None:
         typer.echo(f"matches written to {path}")
+    if results.problems:
+        bad = Table("file", "reason", title="Bad scans (not searched)")
+        for problem in results.problems:
+            bad.add_row(problem.file, problem.reason)
+        Console(stderr=True).print(bad)
+        typer.echo(f"{len(results.problems)} of {len(scans)} scan(s) bad, not searched; "
+                   f"files and reasons: {quarantine}", err=True)
+        raise typer.Exit(1)

@@ -20,7 +20,7 @@ def resolve_experiment_dir(experiment: Path, results_dir: str = "results") -> Pa
 
 def sweep_report(
     experiment: Path = typer.Argument(..., help="Experiment directory, or its name under --results-dir."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the report here (default: the experiment directory)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report here (default: the experiment directory); not into a training run's directory."),
     results_dir: str = typer.Option("results", help="Where experiments live, for a name."),
 ) -> None:
     """Report a sweep: the objective against each swept parameter, per loss variant, and parameter importances.

@@ -21,6 +21,7 @@ import copy
 import gzip
 import io
 import json
+import math
 import os
 import re
 import time
@@ -178,8 +179,9 @@ def train_segmenter(
     import torch
     from monai.losses import DiceCELoss
 
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise RaytumorError(f"epochs and batch_size must be >= 1 and lr > 0; got {epochs}, {batch_size}, {lr}")
+    if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
+        raise RaytumorError(f"epochs and batch_size must be >= 1 and lr a finite number > 0; "
+                            f"got {epochs}, {batch_size}, {lr}")
     dataset_dir = Path(dataset_dir)
     settings = PrepareSettings(shape=tuple(shape))
     cases = training_cases(read_manifest(dataset_dir))
@@ -221,6 +223,11 @@ def train_segmenter(
             optimiser.step()
             total += float(loss.item()) * len(index)
             seen += len(index)
+        if not math.isfinite(total):
+            # Weights that went NaN never recover; saving them would replace a working segmenter
+            # with one whose every mask is empty.
+            raise RaytumorError(f"{dataset_dir}: segmenter training diverged (loss {total / seen} at epoch {epoch}); "
+                                f"nothing saved; try a learning rate smaller than {lr}")
         dice = dice_score(model, val_images, val_masks, batch_size=batch_size, device=device)
         metrics = {"loss": total / seen, "val_dice": dice}
         history.append({"epoch": epoch, **metrics})

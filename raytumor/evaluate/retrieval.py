@@ -12,7 +12,8 @@ The directory is written to a temporary sibling and renamed into place. An index
 
 A query scan goes through the training preprocessing: ``read_volume`` -> ``ras_voxels``
 -> ``preprocess_volume`` at the run's ``data.shape`` (a missing mask is an all-zero channel),
-then ``model.embed``; neighbours are ranked by Euclidean distance as in evaluation.
+then ``model.embed``; neighbours are ranked by Euclidean distance as in evaluation. A scan
+that fails a check is not searched; it is listed with its reason, and the others go on.
 """
 
 from __future__ import annotations
@@ -40,10 +41,38 @@ CASES_FILE = "cases.parquet"
 META_FILE = "meta.json"
 INDEX_VERSION = 1
 RESULT_COLUMNS = ("query", "mask", "rank", "case_id", "label", "label_name", "split", "distance")
+QUARANTINE_COLUMNS = ("query", "file", "reason")
 
 
 class IndexMissingError(RaytumorError):
     """No usable index (absent, incomplete or stale): build one with ``raytumor index build``."""
+
+
+class ScanError(RaytumorError):
+    """A query scan, or its mask, that fails a check: ``file`` is the faulty one."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ScanProblem:
+    """A query scan that was not searched: ``file`` is the scan or its mask, whichever is faulty."""
+
+    query: str
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SearchResults:
+    matches: pd.DataFrame  # one row per (query, rank), columns RESULT_COLUMNS
+    problems: list[ScanProblem]  # the scans left out, in scan order
+
+    def problems_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([p.__dict__ for p in self.problems], columns=list(QUARANTINE_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -179,7 +208,7 @@ def preprocess_scan(image: str | os.PathLike, mask: str | os.PathLike | None, sh
     """A NIfTI scan (and optional mask) -> ``(2, *shape)`` float32, exactly as training data.
 
     Any problem (missing, unreadable, truncated, wrong dimensionality, NaN, oblique, constant,
-    mask mismatch) is a :class:`RaytumorError` naming the file.
+    mask mismatch) is a :class:`ScanError` naming the file.
     """
     from raytumor.data.preprocess import PrepareSettings, preprocess_volume
     from raytumor.data.validate import CaseCheckError, check_case
@@ -190,7 +219,7 @@ def preprocess_scan(image: str | os.PathLike, mask: str | os.PathLike | None, sh
         volume, mask_volume = check_case(str(image), None if mask is None else str(mask), allow_2d=settings.allow_2d)
     except CaseCheckError as exc:
         reason = " ".join(exc.reason.split())
-        raise RaytumorError(f"{exc.file}: {reason}") from None
+        raise ScanError(exc.file, reason) from None
     mask_data = ras_voxels(mask_volume) if mask_volume is not None else None
     return preprocess_volume(ras_voxels(volume), mask_data, settings)
 
@@ -236,12 +265,13 @@ def search_scans(
     index: RetrievalIndex | None = None,
     device=None,
     batch_size: int = 16,
-) -> pd.DataFrame:
-    """Top-``top`` labelled matches of each scan: one row per (query, rank), columns :data:`RESULT_COLUMNS`.
+) -> SearchResults:
+    """Top-``top`` labelled matches of each good scan, and the bad scans with their reasons.
 
     Scans are preprocessed and embedded ``batch_size`` at a time (memory stays bounded for
-    any number of scans); a bad file stops the search with an error naming it. ``index``
-    defaults to the run's saved (current) index.
+    any number of scans); a scan that fails a check (:func:`preprocess_scan`) is left out and
+    listed in ``problems``, the others are searched. ``index`` defaults to the run's saved
+    (current) index.
     """
     from raytumor.evaluate.embeddings import default_device
     from raytumor.train.steps import embed_volumes
@@ -254,19 +284,27 @@ def search_scans(
         index = load_index(run_dir, config=config)
     device = device or default_device()
     model = model.to(device)
-    chunks = []
+    searched, problems, chunks = [], [], []
     for start in range(0, len(scans), batch_size):
-        volumes = np.stack([preprocess_scan(image, mask, config.data.shape) for image, mask in scans[start:start + batch_size]])
-        chunks.append(embed_volumes(model, volumes, device, batch_size=batch_size))
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, index.vectors.shape[1]), dtype=np.float32)
-    if not len(vectors):
-        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+        volumes = []
+        for image, mask in scans[start:start + batch_size]:
+            try:
+                volume = preprocess_scan(image, mask, config.data.shape)
+            except ScanError as exc:
+                problems.append(ScanProblem(str(image), exc.file, exc.reason))
+            else:
+                volumes.append(volume)
+                searched.append((image, mask))
+        if volumes:
+            chunks.append(embed_volumes(model, np.stack(volumes), device, batch_size=batch_size))
+    if not chunks:
+        return SearchResults(pd.DataFrame(columns=list(RESULT_COLUMNS)), problems)
     frames = []
-    for (image, mask), matches in zip(scans, index.search(vectors, top)):
+    for (image, mask), matches in zip(searched, index.search(np.concatenate(chunks), top)):
         matches.insert(0, "mask", "" if mask is None else str(mask))
         matches.insert(0, "query", str(image))
         frames.append(matches)
-    return pd.concat(frames, ignore_index=True)[list(RESULT_COLUMNS)]
+    return SearchResults(pd.concat(frames, ignore_index=True)[list(RESULT_COLUMNS)], problems)
 
 
 def ensure_index(run_dir: str | os.PathLike, **build_kwargs) -> tuple[RetrievalIndex, bool]:
@@ -278,6 +316,12 @@ def ensure_index(run_dir: str | os.PathLike, **build_kwargs) -> tuple[RetrievalI
         return load_index(run_dir, config=config), False
     except IndexMissingError:
         return build_index(run_dir, **build_kwargs), True
+
+
+def quarantine_csv_path(results_csv: str | os.PathLike) -> Path:
+    """The bad scans of a batch go next to its matches: ``<results>-quarantine.csv``."""
+    results_csv = Path(results_csv)
+    return results_csv.with_name(f"{results_csv.stem}-quarantine.csv")
 
 
 def default_csv_path(run_dir: str | os.PathLike, folder: str | os.PathLike) -> Path:
@@ -294,6 +338,9 @@ def default_csv_path(run_dir: str | os.PathLike, folder: str | os.PathLike) -> P
 __all__ = [
     "RetrievalIndex",
     "IndexMissingError",
+    "ScanError",
+    "ScanProblem",
+    "SearchResults",
     "build_index",
     "load_index",
     "ensure_index",
@@ -301,4 +348,5 @@ __all__ = [
     "find_scans",
     "search_scans",
     "default_csv_path",
+    "quarantine_csv_path",
 ]

@@ -73,6 +73,18 @@ class SweepSpace:
         return list(self.distributions) if self.distributions else list(self.grid_keys)
 
 
+# What `raytumor train` and `pretrain` write into a run directory (train/loops.py, train/run_dir.py).
+TRAINING_RUN_FILES = ("best_model.pt", "config.yaml")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """A report must not land among a training run's files, where it would pass for the run's own report."""
+    found = [name for name in TRAINING_RUN_FILES if (out_dir / name).exists()]
+    if found:
+        raise RaytumorError(f"{out_dir}: holds a training run ({', '.join(found)}); "
+                            "give --out a directory of its own for the sweep report")
+
+
 def _check_experiment(experiment_dir: Path) -> None:
     if not experiment_dir.is_dir():
         raise RaytumorError(f"{experiment_dir}: experiment directory does not exist")
@@ -705,16 +717,18 @@ def build_report(trials: pd.DataFrame, space: SweepSpace, experiment_name: str) 
 
 def write_sweep_report(experiment_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` and ``report_plots/`` into ``out``
-    (default: the experiment directory); returns the path of ``report.html``.
+    (default: the experiment directory; never a training run's directory); returns the path of
+    ``report.html``.
 
     Each file is replaced in one rename, so a reader never sees half a report.
     """
     experiment_dir = Path(experiment_dir)
     _check_experiment(experiment_dir)
+    out_dir = Path(out) if out is not None else experiment_dir
+    _check_out_dir(out_dir)
     space = read_space(experiment_dir)
     trials = load_trials(experiment_dir, space)
     doc = build_report(trials, space, experiment_dir.resolve().name)
-    out_dir = Path(out) if out is not None else experiment_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PLOTS_DIR) as plots_tmp:
         plots_tmp.mkdir()

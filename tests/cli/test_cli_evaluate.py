@@ -176,3 +176,71 @@ def test_search_on_a_corrupt_file_is_a_one_line_error(runs, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and str(bad) in err
     assert "Traceback" not in err
+
+
+def test_search_of_a_folder_skips_bad_scans_writes_the_rest_and_lists_them(runs, tmp_path):
+    folder = tmp_path / "scans"
+    for name in ("a.nii.gz", "c.nii.gz"):
+        write_nifti(folder / name, blob_volume((12, 12, 4), seed=len(name))[0])
+    four_d = write_nifti(folder / "b_4d.nii.gz", torch.ones(6, 6, 4, 3).numpy())
+    target = tmp_path / "out" / "matches.csv"
+    result = runner.invoke(app, ["search", str(runs["triplet"]), str(folder), "--csv", str(target), "--top", "2"],
+                           env=WIDE)
+    assert result.exit_code == 1, result.output
+    with open(target) as handle:
+        matches = list(csv.DictReader(handle))
+    assert [r["query"] for r in matches] == [str(folder / "a.nii.gz")] * 2 + [str(folder / "c.nii.gz")] * 2
+    quarantine = tmp_path / "out" / "matches-quarantine.csv"
+    with open(quarantine) as handle:
+        [bad] = list(csv.DictReader(handle))
+    assert bad["query"] == bad["file"] == str(four_d) and "4-D image" in bad["reason"]
+    assert str(four_d) in result.stderr and "4-D image" in result.stderr
+    assert "1 of 3 scan(s) bad" in result.stderr and str(quarantine) in result.stderr.replace("\n", "")
+    assert f"matches written to {target}" in result.stdout.replace("\n", "")
+    # Searched again without the bad scan: no quarantine list left from before.
+    four_d.unlink()
+    again = runner.invoke(app, ["search", str(runs["triplet"]), str(folder), "--csv", str(target)], env=WIDE)
+    assert again.exit_code == 0, again.output
+    assert not quarantine.exists() and not again.stderr
+
+    # The same bad scan given alone: a one-line error, nothing written.
+    write_nifti(four_d, torch.ones(6, 6, 4, 3).numpy())
+    alone = runner.invoke(app, ["search", str(runs["triplet"]), str(four_d), "--csv", str(tmp_path / "alone.csv")])
+    assert isinstance(alone.exception, RaytumorError)
+    message = str(alone.exception)
+    assert "\n" not in message and message.startswith(str(four_d)) and "4-D image" in message
+    assert not (tmp_path / "alone.csv").exists()
+
+
+def test_search_help_says_when_the_exit_code_is_1():
+    result = runner.invoke(app, ["search", "--help"], env=WIDE)
+    assert result.exit_code == 0
+    assert "exit code is 1" in " ".join(result.output.split())
+
+
+def test_evaluate_without_runs_finds_the_best_run_recorded_in_results_dir(runs, tmp_path, monkeypatch):
+    from raytumor.sweep.run import record_best_run
+
+    monkeypatch.chdir(tmp_path)  # no ./results here
+    record_best_run(str(tmp_path / "res"), runs["ce"])  # what `raytumor train --best --results-dir res` does
+    result = runner.invoke(app, ["evaluate", "--results-dir", str(tmp_path / "res"), "--out", "r", "--examples", "0"],
+                           env=WIDE)
+    assert result.exit_code == 0, result.output
+    [evaluated] = json.loads((tmp_path / "r" / "metrics.json").read_text())["runs"]
+    assert evaluated["run_dir"] == str(runs["ce"].resolve())
+    default = runner.invoke(app, ["evaluate", "--out", "r2"], env=WIDE)
+    assert isinstance(default.exception, RaytumorError) and "raytumor train --best" in str(default.exception)
+
+
+def test_evaluate_notes_a_k_clamped_to_the_reference_set(runs, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(runs["triplet"]), "--k", "1000", "--out", str(tmp_path / "r"),
+                                 "--examples", "0"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    [metrics] = json.loads((tmp_path / "r" / "metrics.json").read_text())["runs"]
+    assert metrics["k_requested"] == 1000 and metrics["k"] == metrics["n_reference"] < 1000
+    [note] = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert f"--k 1000 is more than the {metrics['n_reference']} train+val reference cases" in note
+    assert f"K = {metrics['k']} used" in note
+    unclamped = runner.invoke(app, ["evaluate", str(runs["triplet"]), "--k", "3", "--out", str(tmp_path / "r3"),
+                                    "--examples", "0"], env=WIDE)
+    assert unclamped.exit_code == 0 and "note:" not in unclamped.output

@@ -216,6 +216,44 @@ def test_missing_or_broken_model_and_missing_masks_are_user_errors(tmp_path):
         train_segmenter(dataset, shape=SEGMENTER_SHAPE, epochs=1)
 
 
+def test_diverging_training_fails_and_keeps_the_existing_segmenter(dataset):
+    before = {p.name: p.read_bytes() for p in (dataset / "segmenter").iterdir()}
+    # A finite but absurd learning rate: the weights overflow and the loss turns NaN.
+    with pytest.raises(RaytumorError) as info:
+        train_segmenter(dataset, shape=SEGMENTER_SHAPE, epochs=2, lr=1e30, channels=(2, 4))
+    message = str(info.value)
+    assert "\n" not in message and str(dataset) in message and "diverged" in message and "loss nan" in message
+    assert {p.name: p.read_bytes() for p in (dataset / "segmenter").iterdir()} == before
+    assert not [p for p in dataset.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("lr", ["inf", "-inf", "nan", "0", "-1e-3"])
+def test_cli_train_refuses_a_non_finite_or_non_positive_lr_before_drawing_its_bar(tmp_path, monkeypatch, lr):
+    import raytumor.data.pseudo_masks as pseudo_masks
+
+    monkeypatch.setattr(pseudo_masks, "train_segmenter", lambda *a, **k: pytest.fail("trained with a bad --lr"))
+    dataset = tmp_path / "ds"  # no dataset needed: the option fails first
+    result = runner.invoke(app, ["train", str(dataset), "--lr", lr], env={"COLUMNS": "200"})
+    assert isinstance(result.exception, RaytumorError)
+    message = str(result.exception)
+    assert "\n" not in message and message.startswith("--lr:") and "finite number > 0" in message
+    assert result.output == ""
+    with pytest.raises(RaytumorError, match="finite number > 0"):
+        train_segmenter(dataset, lr=float(lr))
+
+
+def test_cli_train_checks_the_dataset_before_drawing_its_bar(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path / "nope")], env={"COLUMNS": "200"})
+    assert isinstance(result.exception, DatasetError) and "nope" in str(result.exception)
+    assert result.output == ""
+
+
+def test_cli_train_help_gives_the_lr_bound_that_is_enforced():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    help_text = " ".join(result.output.split())
+    assert "finite number > 0" in help_text and "x>=0.0" not in help_text
+
+
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["predict", "--help"]])
 def test_cli_help(args):
     result = runner.invoke(app, args, env={"COLUMNS": "200"})

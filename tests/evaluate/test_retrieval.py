@@ -68,7 +68,7 @@ def test_a_training_scan_finds_itself_first(indexed):
     train = manifest[manifest["split"] == "train"].iloc[:3]
     scans = [(resolve_path(indexed["dataset"], r.image), resolve_path(indexed["dataset"], r.mask))
              for r in train.itertuples()]
-    results = search_scans(indexed["run"], scans, top=5, index=indexed["index"])
+    results = search_scans(indexed["run"], scans, top=5, index=indexed["index"]).matches
     assert list(results.columns) == list(RESULT_COLUMNS)
     assert len(results) == 15
     for (image, _), case in zip(scans, train.itertuples()):
@@ -87,7 +87,7 @@ def test_a_scan_without_mask_gets_a_zero_mask_channel(indexed, tmp_path):
     volume = preprocess_scan(path, None, SHAPE)
     assert volume.shape == (2, *SHAPE) and volume.dtype == np.float32
     assert not volume[1].any() and volume[0].std() > 0
-    results = search_scans(indexed["run"], [(path, None)], top=3, index=indexed["index"])
+    results = search_scans(indexed["run"], [(path, None)], top=3, index=indexed["index"]).matches
     assert list(results["rank"]) == [1, 2, 3] and results["mask"].eq("").all()
 
 
@@ -113,12 +113,28 @@ def test_bad_scans_are_one_line_errors_naming_the_file(tmp_path, writer, reason)
     assert "\n" not in message and str(path) in message and reason in message
 
 
-def test_a_corrupt_scan_in_a_batch_is_an_error_naming_it(indexed, tmp_path):
+def test_bad_scans_in_a_batch_are_listed_and_the_others_searched(indexed, tmp_path):
     folder = tmp_path / "scans"
-    write_nifti(folder / "a.nii.gz", blob_volume((12, 12, 4), seed=1)[0])
-    bad, _ = write_truncated(folder)
-    with pytest.raises(RaytumorError, match=r"truncated\.nii\.gz: truncated or unreadable voxel data"):
-        search_scans(indexed["run"], find_scans(folder), index=indexed["index"], batch_size=1)
+    for name in ("a.nii.gz", "c.nii.gz"):
+        write_nifti(folder / name, blob_volume((12, 12, 4), seed=len(name))[0])
+    four_d = write_nifti(folder / "b_4d.nii.gz", np.ones((6, 6, 4, 3), dtype=np.float32))
+    truncated, _ = write_truncated(folder)
+    write_nifti(tmp_path / "masks" / "c.nii.gz", np.ones((5, 5, 5), dtype=np.uint8))  # wrong shape for c
+    # batch_size=1 and 2: a bad scan alone in its chunk, and next to a good one.
+    for batch_size in (1, 2):
+        results = search_scans(indexed["run"], find_scans(folder, tmp_path / "masks"), top=2,
+                               index=indexed["index"], batch_size=batch_size)
+        assert list(results.matches["query"]) == [str(folder / "a.nii.gz")] * 2
+        assert list(results.matches["rank"]) == [1, 2]
+        problems = {(p.query, p.file): p.reason for p in results.problems}
+        assert set(problems) == {
+            (str(four_d), str(four_d)),
+            (str(folder / "c.nii.gz"), str(tmp_path / "masks" / "c.nii.gz")),
+            (str(truncated), str(truncated)),
+        }
+        assert "4-D image" in problems[(str(four_d), str(four_d))]
+        assert "truncated or unreadable voxel data" in problems[(str(truncated), str(truncated))]
+        assert list(results.problems_frame().columns) == ["query", "file", "reason"]
 
 
 def test_find_scans_pairs_masks_by_name(tmp_path):

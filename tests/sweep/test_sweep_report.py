@@ -317,6 +317,20 @@ def test_out_directory_and_rewrite_replaces_plots(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+@pytest.mark.parametrize("run_file", ["best_model.pt", "config.yaml"])
+def test_out_holding_a_training_run_is_refused_before_anything_is_written(tmp_path, run_file):
+    exp = make_experiment(tmp_path, {**MARGIN_SPACE, "name": "small"},
+                          [{"id": "s0", "params": {"train.loss": "batch_all", "train.margin": 0.2}, "history": history(0.3)}])
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / run_file).write_bytes(b"a training run's file")
+    result = runner.invoke(app, ["sweep-report", str(exp), "--out", str(run)])
+    assert isinstance(result.exception, RaytumorError)
+    message = str(result.exception)
+    assert "\n" not in message and message.startswith(str(run)) and run_file in message and "training run" in message
+    assert sorted(p.name for p in run.iterdir()) == [run_file]
+
+
 def test_missing_experiment_and_leaderboard_are_one_line_errors(tmp_path):
     with pytest.raises(RaytumorError, match="does not exist"):
         write_sweep_report(tmp_path / "nope")
