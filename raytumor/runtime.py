@@ -77,6 +77,17 @@ def _unused_port(port: int = 0) -> int:
         return probe.getsockname()[1]
 
 
+_embedded_ray_address: str | None = None
+
+
+def on_embedded_ray() -> bool:
+    """Whether this process is connected to a Ray that :func:`start_embedded_ray` started: one
+    node of fixed size, so a request it cannot hold now it never will."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded_ray_address
+
+
 def start_embedded_ray(**init_kwargs):
     """``ray.init`` a new local Ray whose every process has ``RAY_ADDRESS`` set to it.
 
@@ -106,6 +117,11 @@ def start_embedded_ray(**init_kwargs):
     os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
     try:
         context = ray.init(address="local", **init_kwargs)
+    except BaseException:
+        # Ctrl-C during ray.init left the dashboard and runtime-env agents running, orphaned.
+        ray.shutdown()
+        kill_leftover_workers(address)
+        raise
     finally:
         for name, value in saved.items():
             if value is None:
@@ -117,6 +133,8 @@ def start_embedded_ray(**init_kwargs):
         ray.shutdown()
         raise RaytumorError(f"the embedded Ray started at {started_at}, not at {address} as asked; start Ray "
                             "yourself (ray start --head) and pass --address")
+    global _embedded_ray_address
+    _embedded_ray_address = started_at
     return context
 
 
@@ -200,19 +218,38 @@ def cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def check_dashboard_for_sweep(address: str | None, dashboard: bool) -> None:
-    """Refuse a sweep on an embedded Ray without its dashboard.
+def check_dashboard_for_ray_train(address: str | None, dashboard: bool, command: str) -> None:
+    """Refuse Ray Train runs (``command``: "a sweep", "training") on an embedded Ray without its dashboard.
 
-    The dashboard serves Ray's state API, through which Ray Train's placement-group cleaner
-    frees the workers of a trial the scheduler stopped. Without it they stay reserved: a
+    The dashboard serves Ray's state API, which Ray Train's placement-group cleaner queries.
+    Without it the cleaner cannot free the workers of a trial the scheduler stopped: a
     6-trial ASHA sweep on 2 CPUs stalled after its first early stops (docs/benchmarks.md,
-    figure 6). A cluster (``address`` or ``RAY_ADDRESS``) has its own dashboard.
+    figure 6). And it can take a healthy run's controller for dead: a training run lost its
+    placement group at epoch 4 in 1 of 3 runs, and restarted. A cluster (``address`` or
+    ``RAY_ADDRESS``) has its own dashboard.
     """
     from raytumor.errors import ConfigError
 
     if not dashboard and not cluster_address(address):
-        raise ConfigError("--no-dashboard: a sweep needs the Ray dashboard, whose state API lets Ray Train free the "
-                          "workers of stopped trials (without it the sweep stalls); it listens on 127.0.0.1 only")
+        raise ConfigError(f"--no-dashboard: {command} needs the Ray dashboard, whose state API Ray Train uses to free "
+                          "the workers of stopped runs and to check its controller is alive; it listens on 127.0.0.1 only")
+
+
+def check_cluster_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A one-line error when nothing answers at ``address`` ("host:port" or "ray://host:port"),
+    instead of Ray's minutes of retries (over 6 minutes measured). Other forms ("auto") are
+    left to Ray."""
+    from raytumor.errors import RaytumorError
+
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise RaytumorError(f"Ray cluster at {address}: nothing answers there ({reason}); start it with "
+                            "`ray start --head` (which prints its address) or check --address / RAY_ADDRESS") from None
 
 
 @contextlib.contextmanager
@@ -234,6 +271,11 @@ def ray_session(
     """
     import ray
 
+    from raytumor.errors import ConfigError
+
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError(f"--num-cpus {num_cpus}: must be at least 1 (every Ray task needs a CPU; with none, "
+                          "Ray waits for one forever)")
     # Set before the check: this process's own fits pass them on. The processes of an embedded
     # Ray inherit them; a cluster's get them through the job's runtime environment.
     env_vars = train_env_vars()
@@ -242,6 +284,7 @@ def ray_session(
         return
     address = cluster_address(address)
     if address:
+        check_cluster_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
                  runtime_env={"env_vars": env_vars})
         if announce:

@@ -16,6 +16,13 @@ from raytumor.train import loops
 from tests.conftest import GLIBC
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_sessions_embedded_ray_address(monkeypatch):
+    """Tests here call ``start_embedded_ray`` with a fake ``ray.init``; the address it records
+    must not replace that of the session's real Ray."""
+    monkeypatch.setattr(runtime, "_embedded_ray_address", runtime._embedded_ray_address)
+
+
 _FAULTS_PER_STEP = """
 import resource, statistics, sys, torch
 torch.set_num_threads(1)
@@ -83,6 +90,7 @@ def test_ray_session_gives_a_cluster_job_the_train_settings(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runtime, "check_cluster_reachable", lambda address: None)
     for name in (*runtime.TRAIN_ENV_DEFAULTS, *runtime.EMBEDDED_TRAIN_ENV_DEFAULTS):
         monkeypatch.delenv(name, raising=False)
     with runtime.ray_session("ray://head:10001", announce=False):
@@ -121,6 +129,10 @@ def test_ray_session_turns_the_preemption_watcher_off_on_an_embedded_ray(monkeyp
     with runtime.ray_session(num_cpus=1, announce=False):
         assert runtime.os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started")
 
 
 class _FakeContext:
@@ -188,6 +200,54 @@ def test_start_embedded_ray_stops_a_ray_that_came_up_elsewhere(monkeypatch):
     with pytest.raises(RaytumorError, match="started at 10.9.9.9:1"):
         runtime.start_embedded_ray()
     assert calls[-1] == "shutdown"  # its workers would carry a wrong RAY_ADDRESS
+
+
+def test_start_embedded_ray_interrupted_stops_what_it_started(monkeypatch):
+    """Ctrl-C during ``ray.init`` left Ray's dashboard and runtime-env agents running, orphaned."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    seen, calls = _fake_ray(monkeypatch)
+
+    def interrupted_init(**kwargs):
+        seen["RAY_ADDRESS"] = runtime.os.environ["RAY_ADDRESS"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", interrupted_init)
+    monkeypatch.setattr(runtime, "kill_leftover_workers", lambda address: calls.append(("kill", address)))
+    with pytest.raises(KeyboardInterrupt):
+        runtime.start_embedded_ray()
+    assert calls == ["shutdown", ("kill", seen["RAY_ADDRESS"])]
+    assert "RAY_ADDRESS" not in runtime.os.environ
+
+
+def test_ray_session_refuses_zero_cpus_before_starting_ray(monkeypatch):
+    from raytumor.errors import ConfigError
+
+    monkeypatch.setattr(runtime, "start_embedded_ray", _no_ray)
+    with pytest.raises(ConfigError, match="--num-cpus 0: must be at least 1"):
+        with runtime.ray_session(num_cpus=0, announce=False):
+            pass
+
+
+def test_an_address_where_nothing_listens_fails_at_once(monkeypatch):
+    import ray
+
+    from raytumor.errors import RaytumorError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", _no_ray)
+    free = runtime._unused_port()
+    for address in (f"127.0.0.1:{free}", f"ray://127.0.0.1:{free}"):
+        with pytest.raises(RaytumorError, match=f"Ray cluster at {address}: nothing answers there"):
+            with runtime.ray_session(address, announce=False):
+                pass
+    with runtime.socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        runtime.check_cluster_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    runtime.check_cluster_reachable("auto")  # Ray finds it itself
 
 
 

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from raytumor.cli import app
@@ -284,3 +285,53 @@ def test_preprocessing_quarantine_never_copies_nifti_header_text(ray_local, tmp_
     quarantine = pd.read_csv(prepared.quarantine)
     assert set(quarantine["case_id"]) == set(BAD_CASES)
     assert_no_marker([prepared.quarantine, prepared.path / "meta.json"], [], tmp_path)
+
+
+# ---------------------------------------------------------------- model files
+
+class _RunsCode:
+    """Unpickling this would call os.system: a model file must never get that far."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch should-never-exist",)
+
+
+def test_a_bad_or_unsafe_model_file_is_a_one_line_error(tmp_path, monkeypatch):
+    from raytumor.config import RunConfig
+    from raytumor.errors import RaytumorError
+    from raytumor.models import build_model
+    from raytumor.train.trainer import load_best_model
+
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig.model_validate({"model": {"embedding_dim": 4, "width": 0.125}})
+    model = build_model(config.model.encoder, in_channels=2, embedding_dim=4, normalize=True, width=0.125)
+    good = {"model": model.state_dict(), "config": config.model_dump(mode="json"), "num_classes": 3}
+    other_dim = build_model(config.model.encoder, in_channels=2, embedding_dim=5, normalize=True, width=0.125)
+    payloads = {
+        "unsafe": ({"model": _RunsCode()}, "holds objects other than tensors and plain values; refused"),
+        "no-config": ({"model": model.state_dict()}, "not a raytumor model (no config)"),
+        "other-dim": ({**good, "model": other_dim.state_dict()}, "its weights do not fit its config (size mismatch for"),
+    }
+    for name, (payload, message) in payloads.items():
+        (tmp_path / name).mkdir()
+        torch.save(payload, tmp_path / name / "best_model.pt")
+    (tmp_path / "truncated").mkdir()
+    torch.save(good, tmp_path / "truncated" / "best_model.pt")
+    data = (tmp_path / "truncated" / "best_model.pt").read_bytes()
+    (tmp_path / "truncated" / "best_model.pt").write_bytes(data[: len(data) // 2])
+    payloads["truncated"] = (None, "not a readable raytumor model (PytorchStreamReader failed")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "best_model.pt").write_bytes(b"")
+    payloads["empty"] = (None, "not a readable raytumor model")
+
+    for name, (_, message) in payloads.items():
+        with pytest.raises(RaytumorError) as info:
+            load_best_model(tmp_path / name)
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / name / 'best_model.pt'}: {message}") and "\n" not in text, text
+    assert not (tmp_path / "should-never-exist").exists()
+    (tmp_path / "good").mkdir()
+    torch.save(good, tmp_path / "good" / "best_model.pt")
+    assert load_best_model(tmp_path / "good")[1] == config

@@ -54,13 +54,20 @@ _unwrap_help(app)
 
 
 def main() -> None:
-    """Entry point: user-facing errors become one line on stderr and exit code 2."""
+    """Entry point: user-facing errors, and OS errors about a file (permission denied, a file
+    where a directory should be), become one line on stderr and exit code 2."""
     from raytumor.errors import RaytumorError
 
     try:
         app()
     except RaytumorError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        typer.secho(f"error: {where}: {exc.strerror or exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

@@ -46,11 +46,11 @@ def demo(
     from raytumor.data.preprocess import PrepareSettings, prepare_dataset
     from raytumor.data.rare_cases import augment_rare_cases
     from raytumor.data.validate import validate_dataset
-    from raytumor.runtime import check_dashboard_for_sweep, ray_session
+    from raytumor.runtime import check_dashboard_for_ray_train, ray_session
     from raytumor.sweep.space import load_search_space, nest
 
     if not data_only:
-        check_dashboard_for_sweep(address, dashboard)
+        check_dashboard_for_ray_train(address, dashboard, "a sweep")
     console = Console()
     target = mlflow_target(mlflow, mlflow_uri, "raytumor-demo")
     dataset = directory / "data"

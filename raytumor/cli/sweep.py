@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -42,16 +43,23 @@ def sweep(
     from rich.console import Console
     from rich.table import Table
 
-    from raytumor.runtime import check_dashboard_for_sweep, ray_session
-    from raytumor.sweep.run import check_sweep, run_sweep
+    from raytumor.runtime import check_dashboard_for_ray_train, ray_session
+    from raytumor.sweep.run import SweepInterrupted, check_sweep, run_sweep
 
-    check_dashboard_for_sweep(address, dashboard)
+    check_dashboard_for_ray_train(address, dashboard, "a sweep")
     search_space, _, _ = check_sweep(space, name=name, results_dir=results_dir, resume=resume)  # before Ray starts
     target = None
     if mlflow:
         target = mlflow_target(True, mlflow_uri, mlflow_experiment or name or search_space.name)
-    with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_sweep(space, name=name, results_dir=results_dir, resume=resume, mlflow=target)
+    try:
+        with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
+            result = run_sweep(space, name=name, results_dir=results_dir, resume=resume, mlflow=target)
+    except SweepInterrupted as interrupted:
+        again = f"raytumor sweep {shlex.quote(str(space))} --resume"
+        again += f" --name {shlex.quote(name)}" if name is not None else ""
+        again += f" --results-dir {shlex.quote(results_dir)}" if results_dir else ""
+        typer.echo(f"{interrupted}; no best config chosen. Continue it with: {again}", err=True)
+        raise
     board = result.leaderboard
     table = Table(title=f"Leaderboard: {result.experiment_dir.name} (validation split)")
     params = [c for c in board.columns if c.startswith("param:")]

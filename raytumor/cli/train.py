@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +16,8 @@ NameOpt = typer.Option(None, "--name", help="Run name (directory under output_di
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 AddressOpt = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: an embedded Ray.")
 CpusOpt = typer.Option(None, help="CPUs for the embedded Ray (default: all).")
-DashboardOpt = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray).")
+DashboardOpt = typer.Option(True, "--dashboard/--no-dashboard", help="Ray dashboard on 127.0.0.1 (embedded Ray); "
+                            "Ray Train needs it, so --no-dashboard works only with --address (a cluster's own).")
 MlflowOpt = typer.Option(False, "--mlflow/--no-mlflow", help="Also log params, per-epoch metrics and result files to "
                          "MLflow (needs the 'mlflow' extra).")
 MlflowUriOpt = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI",
@@ -36,9 +40,25 @@ def _load(config: Optional[Path], overrides: Optional[List[str]], name: Optional
     from raytumor.config import load_config
 
     overrides = list(overrides or []) + extra
-    if name:
-        overrides.append(f"name={name}")
+    if name is not None:
+        overrides.append(f"name={json.dumps(name)}")  # a string even when it reads as a number or is empty
     return load_config(config, overrides)
+
+
+@contextlib.contextmanager
+def _resume_hint_on_interrupt(run_config, config: Optional[Path], overrides: Optional[List[str]],
+                              name: Optional[str], command: str = "train"):
+    """After Ctrl-C, say how to continue the run: its checkpoints are kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        again = [f"raytumor {command}"] + ([f"-c {config}"] if config else [])
+        again += [f"--set {shlex.quote(item)}" for item in overrides or []]
+        again += [f"--name {shlex.quote(name)}"] if name is not None else []
+        run_dir = Path(run_config.output_dir) / run_config.name
+        typer.echo(f"training interrupted; {run_dir} keeps its checkpoints. Continue it with: "
+                   f"{' '.join(again)} --resume", err=True)
+        raise
 
 
 def _print_result(result, stage: str) -> None:
@@ -68,8 +88,10 @@ def pretrain(
 
     TensorBoard scalars go to <run>/tensorboard (tensorboard --logdir runs).
     """
-    from raytumor.runtime import ray_session
+    from raytumor.runtime import check_dashboard_for_ray_train, ray_session
     from raytumor.train.run_dir import PRETRAINED_BACKBONE_FILE, check_run
+
+    check_dashboard_for_ray_train(address, dashboard, "pre-training")
 
     run_config = _load(config, overrides, name, ["pretrain.enabled=true"])
     check_run(run_config, resume=resume)  # bad input fails before Ray (and torch) load
@@ -77,8 +99,9 @@ def pretrain(
     from raytumor.train.trainer import run_training
 
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
-    with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_training(run_config, resume=resume, stages=("pretrain",), mlflow=target)
+    with _resume_hint_on_interrupt(run_config, config, overrides, name, command="pretrain"):
+        with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
+            result = run_training(run_config, resume=resume, stages=("pretrain",), mlflow=target)
     typer.echo(f"pre-training finished: backbone in {result.run_dir / PRETRAINED_BACKBONE_FILE}; "
                f"use it with --set train.pretrained={result.run_dir}")
 
@@ -104,9 +127,10 @@ def train(
     model by val Recall_M is kept in the run directory with metrics per epoch. TensorBoard
     scalars go to <run>/tensorboard (tensorboard --logdir runs); --mlflow logs to MLflow too.
     """
-    from raytumor.runtime import ray_session
+    from raytumor.runtime import check_dashboard_for_ray_train, ray_session
     from raytumor.train.run_dir import check_run
 
+    check_dashboard_for_ray_train(address, dashboard, "training")
     experiment = None
     if best or from_experiment:
         from raytumor.errors import ConfigError
@@ -123,9 +147,10 @@ def train(
     from raytumor.train.trainer import run_training
 
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
-    with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        result = run_training(run_config, resume=resume, mlflow=target,
-                              pretrain_cache=(experiment / "pretrain_cache") if experiment else None)
+    with _resume_hint_on_interrupt(run_config, config, overrides, name):
+        with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
+            result = run_training(run_config, resume=resume, mlflow=target,
+                                  pretrain_cache=(experiment / "pretrain_cache") if experiment else None)
     if experiment is not None:
         from raytumor.sweep.run import record_best_run
 

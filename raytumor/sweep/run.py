@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import pandas as pd
 import yaml
 
-from raytumor.config import RunConfig, build_config, dump_config, merge
-from raytumor.errors import RaytumorError
+from raytumor.config import RunConfig, build_config, check_directory_name, dump_config, merge
+from raytumor.errors import ConfigError, RaytumorError
 from raytumor.storage import atomic_write_text
 from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
 
@@ -93,7 +93,12 @@ def _report_epochs(rows: list[dict]) -> None:
 
 
 def _experiment_dir(space: SearchSpace, name: str | None, results_dir: str | None) -> Path:
-    return Path(results_dir or space.results_dir).resolve() / (name or space.name)
+    if name is not None:
+        try:
+            check_directory_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"--name {name!r}: {exc}") from None
+    return Path(results_dir or space.results_dir).resolve() / (space.name if name is None else name)
 
 
 def _trainable(shared_datasets: dict, context: dict):
@@ -248,7 +253,9 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from raytumor.runtime import on_embedded_ray
     from raytumor.sweep.progress import CloseEndedTrialBars, close_worker_bars
+    from raytumor.train.trainer import check_workers_fit
 
     callbacks = [CloseEndedTrialBars()]
     if mlflow is not None:
@@ -256,12 +263,14 @@ def run_sweep(
 
         callbacks.append(sweep_mlflow_logger(mlflow))
     space, base_tree, experiment_dir = check_sweep(space_path, name=name, results_dir=results_dir, resume=resume)
+    fixed_config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
+    if on_embedded_ray():
+        check_workers_fit(fixed_config, ray.cluster_resources())
     tune_dir = experiment_dir / "tune"
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(experiment_dir / "space.yaml", Path(space_path).read_text())
         atomic_write_text(experiment_dir / "base.yaml", yaml.safe_dump(base_tree, sort_keys=False))
-    fixed_config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
     shared = _shared_inputs(space, fixed_config)
     context = _context(space, base_tree, experiment_dir)
     max_epochs = fixed_config.train.epochs
@@ -294,9 +303,45 @@ def run_sweep(
                 callbacks=callbacks,
             ),
         )
-    results = tuner.fit()
+    results, interrupted = _fit_noting_interruption(tuner)
     close_worker_bars()  # the sweep's workers are gone: bars still open would print under the leaderboard
+    if interrupted:
+        raise SweepInterrupted(experiment_dir)
     return summarise(experiment_dir, results, space, base_tree)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the sweep early: its state is saved and no best config was chosen."""
+
+    def __init__(self, experiment_dir: Path):
+        super().__init__(f"sweep interrupted; its state is saved in {experiment_dir / 'tune'}")
+        self.experiment_dir = experiment_dir
+
+
+def _fit_noting_interruption(tuner) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether Ctrl-C (SIGINT) ended it early.
+
+    On SIGINT Tune stops the trials, saves its state and returns as if the sweep had finished
+    (a best config from half-run trials, exit code 0). Its handler puts back the SIGINT handler
+    it found when it started, so finding ours still installed afterwards means it was called.
+    """
+    import signal
+    import threading
+
+    tune_catches_sigint = (threading.current_thread() is threading.main_thread()
+                           and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0")
+    if not tune_catches_sigint:
+        return tuner.fit(), False
+
+    def raise_keyboard_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is raise_keyboard_interrupt
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _trial_rows(results, space: SearchSpace) -> list[dict]:

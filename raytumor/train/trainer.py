@@ -18,6 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -68,6 +71,22 @@ def use_gpu(config: RunConfig) -> bool:
 
         return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
     return bool(config.resources.use_gpu)
+
+
+def check_workers_fit(config: RunConfig, cluster: dict) -> None:
+    """Refuse workers that ``cluster`` (Ray's resources; a fixed-size Ray's) can never place:
+    Ray would wait for them forever, printing only autoscaler errors."""
+    from raytumor.errors import ConfigError
+
+    resources = config.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if resources.use_gpu is True and gpus < resources.num_workers:
+        raise ConfigError(f"resources.use_gpu: true needs {resources.num_workers} GPU(s) (one per worker); this Ray has "
+                          f"{gpus:g}; set it to auto or false, or run on a cluster with GPUs (--address)")
+    if resources.num_workers * resources.cpus_per_worker > cpus:
+        raise ConfigError(f"resources: {resources.num_workers} worker(s) x {resources.cpus_per_worker:g} CPU need "
+                          f"{resources.num_workers * resources.cpus_per_worker:g} CPUs; this Ray has {cpus:g} "
+                          "(fewer resources.num_workers or cpus_per_worker, or --num-cpus / a cluster)")
 
 
 def build_trainer(
@@ -136,11 +155,20 @@ def checkpointed_history(run_dir: str | Path) -> list[dict]:
 
 
 def _fit(trainer) -> dict:
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigint_handler = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
+    except SystemExit:
+        # Ray Train's Ctrl-C handler aborts the run, then calls sys.exit(0) from inside fit():
+        # the CLI exited 1 without a word. It is an interruption; the checkpoints are kept.
+        raise KeyboardInterrupt from None
     except Exception as exc:  # noqa: BLE001 - Ray has printed the worker traceback already
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise RaytumorError(f"training failed: {lines[-1] if lines else type(exc).__name__}") from None
+    finally:
+        if in_main_thread and sigint_handler is not None:
+            signal.signal(signal.SIGINT, sigint_handler)  # Ray's stays bound to this run's controller
     if result.checkpoint is None:
         raise RaytumorError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -242,6 +270,10 @@ def run_training(
     ``tensorboard``: event files in ``<run>/tensorboard``; ``mlflow``: one MLflow run for
     both stages (metrics ``pretrain/...`` and ``train/...``, the config as parameters).
     """
+    from raytumor.runtime import on_embedded_ray
+
+    if on_embedded_ray():
+        check_workers_fit(config, ray.cluster_resources())
     run_dir, resuming = prepare_run_dir(config, resume=resume)
     mlflow_run = None
     if mlflow is not None:
@@ -301,18 +333,38 @@ def best_model_path(run_dir: str | Path) -> Path:
     return path
 
 
+def _short_reason(exc: Exception) -> str:
+    """The first informative sentence of an error from torch (whose messages run to many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().endswith(":")]
+    return lines[0].split(". ")[0][:200] if lines else type(exc).__name__
+
+
 def load_best_model(run_dir: str | Path):
     """The best model of a run (weights loaded with ``weights_only=True``) and its config."""
     from raytumor.models import build_model
 
     path = best_model_path(run_dir)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    config = RunConfig.model_validate(payload["config"])
-    triplet = config.train.loss in ("batch_hard", "batch_all")
-    model = build_model(config.model.encoder, in_channels=2,
-                        embedding_dim=config.model.embedding_dim if triplet else payload["num_classes"],
-                        normalize=triplet, width=config.model.width)
-    model.load_state_dict(payload["model"])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():
+            raise RaytumorError(f"{path}: holds objects other than tensors and plain values; refused "
+                                "(checkpoints load with weights_only=True)") from None
+        raise RaytumorError(f"{path}: not a readable raytumor model (not a PyTorch checkpoint)") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, empty or not a checkpoint
+        raise RaytumorError(f"{path}: not a readable raytumor model ({_short_reason(exc)})") from None
+    missing = [key for key in ("config", "model") if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise RaytumorError(f"{path}: not a raytumor model (no {', '.join(missing)})")
+    try:
+        config = RunConfig.model_validate(payload["config"])
+        triplet = config.train.loss in ("batch_hard", "batch_all")
+        model = build_model(config.model.encoder, in_channels=2,
+                            embedding_dim=config.model.embedding_dim if triplet else payload["num_classes"],
+                            normalize=triplet, width=config.model.width)
+        model.load_state_dict(payload["model"])
+    except (ValueError, KeyError, RuntimeError) as exc:  # a config or weights that do not fit this version
+        raise RaytumorError(f"{path}: its weights do not fit its config ({_short_reason(exc)})") from None
     model.eval()
     return model, config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -75,17 +76,80 @@ def test_sweep_checks_space_experiment_and_dataset_before_ray_starts(dataset, tm
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["tiny"]
 
 
-def test_sweeps_on_an_embedded_ray_refuse_no_dashboard(tmp_path, monkeypatch, capsys):
-    # Without the dashboard's state API, Ray Train cannot free a stopped trial's workers and
-    # the sweep stalls, so the option is refused before anything runs.
+def test_ray_train_on_an_embedded_ray_refuses_no_dashboard(tmp_path, monkeypatch, capsys):
+    # Without the dashboard's state API, Ray Train cannot free a stopped trial's workers (the
+    # sweep stalls) and may take a healthy run's controller for dead, so the option is refused
+    # before anything runs.
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     missing = str(tmp_path / "none.yaml")
-    for args in (["sweep", missing, "--no-dashboard"], ["demo", "--dir", str(tmp_path / "d"), "--no-dashboard"]):
+    for args, command in ((["sweep", missing, "--no-dashboard"], "a sweep"),
+                          (["demo", "--dir", str(tmp_path / "d"), "--no-dashboard"], "a sweep"),
+                          (["train", "-c", missing, "--no-dashboard"], "training"),
+                          (["pretrain", "-c", missing, "--no-dashboard"], "pre-training")):
         code, err = _run_main(monkeypatch, capsys, *args)
-        assert code == 2 and err.count("\n") == 1 and "--no-dashboard: a sweep needs the Ray dashboard" in err
+        assert code == 2 and err.count("\n") == 1 and f"--no-dashboard: {command} needs the Ray dashboard" in err
     assert not (tmp_path / "d").exists()
     # A cluster has its own dashboard, and --data-only runs no sweep: the next check speaks.
     for args in (["sweep", missing, "--no-dashboard", "--address", "ray://head:10001"],
                  ["demo", "--dir", str(tmp_path / "d"), "--space", missing, "--no-dashboard", "--data-only"]):
         code, err = _run_main(monkeypatch, capsys, *args)
         assert code == 2 and "search-space file does not exist" in err
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../../escape", "/tmp/absolute"])
+def test_run_and_sweep_names_stay_inside_their_output_directory(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run_main(monkeypatch, capsys, "train", "--name", name)
+    assert code == 2 and err.count("\n") == 1 and "name: must be one directory name" in err, err
+    demo_space = str(Path(__file__).parents[2] / "search_spaces" / "demo.yaml")
+    code, err = _run_main(monkeypatch, capsys, "sweep", demo_space, "--name", name, "--results-dir", str(tmp_path / "results"))
+    assert code == 2 and err == f"error: --name {name!r}: must be one directory name: not empty, '.' or '..', " \
+                                "no '/' or '\\'\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_ctrl_c_during_training_says_how_to_resume(command, dataset, tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from raytumor.train import trainer
+
+    def interrupted_training(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_training", interrupted_training)
+    monkeypatch.setattr(runtime, "ray_session", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(sys, "argv", ["raytumor", command, "--set", f"data.dataset={dataset}",
+                                      "--set", f"output_dir={tmp_path / 'runs'}", "--name", "r 1"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 130
+    assert (f"training interrupted; {tmp_path / 'runs' / 'r 1'} keeps its checkpoints. Continue it with: "
+            f"raytumor {command} --set data.dataset={dataset} --set output_dir={tmp_path / 'runs'} "
+            f"--name 'r 1' --resume") in err
+
+
+def test_ctrl_c_during_a_sweep_says_how_to_resume(dataset, tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from raytumor.sweep import run
+
+    def interrupted_sweep(space, name, results_dir, resume, mlflow):
+        raise run.SweepInterrupted(Path(results_dir) / name)
+
+    space = {"name": "tiny", "dataset": str(dataset),
+             "parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}}}
+    path = tmp_path / "my space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    monkeypatch.setattr(run, "run_sweep", interrupted_sweep)
+    monkeypatch.setattr(runtime, "ray_session", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(sys, "argv", ["raytumor", "sweep", str(path), "--name", "a b",
+                                      "--results-dir", str(tmp_path / "results")])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 130
+    assert (f"sweep interrupted; its state is saved in {tmp_path / 'results' / 'a b' / 'tune'}; no best config "
+            f"chosen. Continue it with: raytumor sweep '{path}' --resume --name 'a b' "
+            f"--results-dir {tmp_path / 'results'}") in err

@@ -146,3 +146,28 @@ def test_train_best_trains_the_config_of_best_yaml(resumed_sweep, monkeypatch):
     assert trained.model_dump() == best.model_dump()
     assert (run_dir / "best_model.pt").is_file()
     assert (tmp_path / "results" / "latest-best-run.txt").read_text().strip() == str(run_dir.resolve())
+
+
+class _TuneLikeTuner:
+    """``fit`` catches SIGINT the way Ray Tune's ``_setup_signal_catching`` does: its handler puts
+    back the handler it found, then ``fit`` returns as if the sweep had finished."""
+
+    def __init__(self, signal_during_fit: bool):
+        self.signal_during_fit = signal_during_fit
+
+    def fit(self):
+        found = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda signum, frame: signal.signal(signal.SIGINT, found))
+        if self.signal_during_fit:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        return "results"
+
+
+@pytest.mark.parametrize("signal_during_fit", [False, True])
+def test_a_sweep_ended_by_ctrl_c_is_told_from_a_finished_one(signal_during_fit):
+    from raytumor.sweep.run import _fit_noting_interruption
+
+    before = signal.getsignal(signal.SIGINT)
+    assert _fit_noting_interruption(_TuneLikeTuner(signal_during_fit)) == ("results", signal_during_fit)
+    assert signal.getsignal(signal.SIGINT) is before

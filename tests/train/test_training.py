@@ -178,3 +178,43 @@ def test_existing_run_needs_resume(ray_local, tiny_dataset, tmp_path):
         run_training(config_for(tiny_dataset, tmp_path, "taken"))
     with pytest.raises(RaytumorError, match="no run to resume"):
         run_training(config_for(tiny_dataset, tmp_path, "absent"), resume=True)
+
+
+def test_workers_the_embedded_ray_can_never_place_are_refused_before_a_run_starts(ray_local, tiny_dataset, tmp_path):
+    from raytumor.errors import ConfigError
+    from raytumor.runtime import on_embedded_ray
+    from raytumor.train.trainer import check_workers_fit
+
+    assert on_embedded_ray()  # the session's Ray is started the way raytumor starts its own
+    with pytest.raises(ConfigError, match=r"2 worker\(s\) x 1.5 CPU need 3 CPUs; this Ray has 2"):
+        run_training(config_for(tiny_dataset, tmp_path, "big", "resources.num_workers=2",
+                                "resources.cpus_per_worker=1.5"))
+    assert not (tmp_path / "big").exists()  # Ray would have waited for them forever
+    with pytest.raises(ConfigError, match=r"use_gpu: true needs 2 GPU\(s\) \(one per worker\); this Ray has 1"):
+        check_workers_fit(config_for(tiny_dataset, tmp_path, "gpu", "resources.num_workers=2",
+                                     "resources.use_gpu=true"), {"CPU": 8.0, "GPU": 1.0})
+    check_workers_fit(config_for(tiny_dataset, tmp_path, "fits", "resources.num_workers=2"), {"CPU": 2.0})
+    check_workers_fit(config_for(tiny_dataset, tmp_path, "auto"), {"CPU": 2.0})  # use_gpu auto: CPU here
+
+
+class _RayTrainLikeTrainer:
+    """``fit`` binds its own SIGINT handler and, on Ctrl-C, aborts and calls ``sys.exit(0)``
+    the way Ray Train 2.60's controller does."""
+
+    def fit(self):
+        import signal
+        import sys
+
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        sys.exit(0)
+
+
+def test_ray_train_exiting_on_ctrl_c_is_an_interruption_and_its_handler_is_unbound():
+    import signal
+
+    from raytumor.train.trainer import _fit
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_RayTrainLikeTrainer())
+    assert signal.getsignal(signal.SIGINT) is before
