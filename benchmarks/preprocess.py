@@ -71,7 +71,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from unittest import mock
 
-from common import machine, machine_busy_cpu_s, two_decimals
+from common import machine, machine_busy_cpu_s, run_then_exit, two_decimals
 
 TARGET_SPEEDUP = 1.7
 TARGET_CACHE_HIT_S = 1.0
@@ -604,4 +604,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import machine, run_then_exit
 
 SIZES = {"default": dict(scale=0.0001, raw_shape=(128, 128, 32), rounds=5, allocator_rounds=3),
          "smoke": dict(scale=0.0001, raw_shape=(32, 32, 8), rounds=1, allocator_rounds=1)}
@@ -225,4 +225,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

@@ -55,7 +55,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import import_make_dataset, machine, steady
+from common import import_make_dataset, machine, run_then_exit, steady
 
 SAMPLES_PER_CLASS = 3
 TARGET_DATA_WAIT = 0.02
@@ -336,4 +336,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

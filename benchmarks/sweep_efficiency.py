@@ -74,7 +74,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import machine, run_then_exit
 
 METRIC = "val_recall_macro"
 WITHIN = 0.99  # "within 1 % of the best": running best >= WITHIN x best value found
@@ -419,4 +419,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

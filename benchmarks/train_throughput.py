@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from common import import_make_dataset, machine, machine_busy_cpu_s, steady
+from common import import_make_dataset, machine, machine_busy_cpu_s, run_then_exit, steady
 
 DEMO_SHAPE = (32, 32, 8)
 PAPER_SHAPE = (128, 128, 12)
@@ -480,4 +480,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)
