@@ -90,12 +90,23 @@ class TrainConfig(_Strict):
     margin: Real = Field(1.0, ge=0)
     epochs: Integer = Field(400, ge=1, le=100_000)
     batch_size: Integer = Field(30, ge=2)
-    samples_per_class: Integer = Field(3, ge=2, description="K of the P x K class-balanced batches.")
+    samples_per_class: Integer = Field(3, ge=2, validate_default=True, description="K of the P x K class-balanced batches.")
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: Real = Field(1e-3, gt=0)
     weight_decay: Real = Field(0.0, ge=0)
     knn_k: Integer = Field(7, ge=1)
     pretrained: Optional[str] = Field(None, description="Pre-training run directory or checkpoint to start from.")
+
+    @field_validator("samples_per_class")
+    @classmethod
+    def _two_classes_per_batch(cls, value, info):
+        # The sampler draws at least 2 classes (every anchor needs a negative); with fewer rows
+        # than 2 x K its batches came out larger than batch_size, unannounced.
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and 2 * value > batch_size:
+            raise ValueError(f"must be at most half of train.batch_size ({batch_size}): a batch holds K rows "
+                             "of each of at least 2 classes")
+        return value
 
 
 class ResourcesConfig(_Strict):

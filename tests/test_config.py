@@ -58,6 +58,16 @@ def test_numbers_still_load():
     assert config.train.lr == 1e-4 and config.train.margin == 1.0 and config.train.epochs == 3
 
 
+def test_a_batch_holds_two_classes_of_samples_per_class_rows():
+    # batch_size=4 with K=3 trained on batches of 6 rows without a word.
+    assert config_error("train.batch_size=4").endswith(
+        "train.samples_per_class: must be at most half of train.batch_size (4): a batch holds K rows of each of at "
+        "least 2 classes (got 3)")
+    assert "train.samples_per_class: must be at most half" in config_error("train.samples_per_class=16")
+    config = load_config(overrides=["train.batch_size=6", "train.samples_per_class=3"])
+    assert (config.train.batch_size, config.train.samples_per_class) == (6, 3)
+
+
 @pytest.mark.parametrize("name", ["../../escape", "/tmp/x/absrun", "", ".", "..", "a/b", "a\\b", "runs/"])
 def test_a_run_name_is_one_directory_name(name):
     message = config_error(f"name={yaml.safe_dump(name).splitlines()[0]}")

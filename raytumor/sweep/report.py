@@ -38,7 +38,7 @@ from raytumor.errors import RaytumorError
 from raytumor.reporting import PRETRAIN_NAMES, TRAIN_NAMES, ReportDoc, new_figure, png_bytes, table2_row_name
 from raytumor.storage import atomic_path, atomic_write_text
 from raytumor.sweep.run import LEADERBOARD_FILE
-from raytumor.sweep.space import Distribution, Objective, SearchSpace
+from raytumor.sweep.space import Distribution, Objective, SearchSpace, flatten
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -132,15 +132,6 @@ def _read_leaderboard(experiment_dir: Path) -> pd.DataFrame:
     if "trial_id" not in board.columns:
         raise RaytumorError(f"{path}: no trial_id column")
     return board
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def _missing(value: Any) -> bool:
@@ -260,7 +251,7 @@ def load_trials(experiment_dir: str | os.PathLike, space: SweepSpace | None = No
         config: dict[str, Any] = {}
         if config_file.is_file():
             with _suppress_bad_file():
-                config = _flatten(yaml.safe_load(config_file.read_text()) or {})
+                config = flatten(yaml.safe_load(config_file.read_text()) or {})
         values = {**space.fixed, **config}
         for key in space.swept:  # no config: the sampled values the leaderboard recorded
             if key not in config and f"param:{key}" in record:

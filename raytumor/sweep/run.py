@@ -25,7 +25,7 @@ import yaml
 from raytumor.config import RunConfig, build_config, check_directory_name, dump_config, merge
 from raytumor.errors import ConfigError, RaytumorError
 from raytumor.storage import atomic_write_text
-from raytumor.sweep.space import SearchSpace, load_search_space, nest, suggest
+from raytumor.sweep.space import SearchSpace, flatten, load_search_space, nest, suggest
 
 if TYPE_CHECKING:
     from raytumor.train.tracking import MLflowTarget
@@ -230,10 +230,33 @@ def check_sweep(
 
         if not tune.Tuner.can_restore(str(experiment_dir / "tune")):
             raise RaytumorError(f"{experiment_dir}: no sweep to resume")
+        _check_unchanged(space_path, space, base_tree, experiment_dir)
     elif experiment_dir.exists():
         raise RaytumorError(f"{experiment_dir}: sweep exists; use --resume to continue it or --name for a new one")
     read_manifest(base_tree["data"]["dataset"])  # made absolute above, from the fixed config
     return space, base_tree, experiment_dir
+
+
+def _check_unchanged(space_path, space: SearchSpace, base_tree: dict, experiment_dir: Path) -> None:
+    """Refuse to resume a sweep with a search space or base config other than those it started
+    with (its ``space.yaml`` and ``base.yaml``): Tune restores its own trials, sampler and
+    scheduler, while the trials' base config and context come from the files given now, so a
+    changed file mixed two sweeps in one leaderboard. Its name and results_dir may differ."""
+    try:
+        started = SearchSpace.model_validate(yaml.safe_load((experiment_dir / "space.yaml").read_text()))
+        started_base = yaml.safe_load((experiment_dir / "base.yaml").read_text())
+    except (OSError, yaml.YAMLError, ValueError):  # an older sweep's record, or none: nothing to compare
+        return
+    ignored = {"name", "results_dir", "base", "dataset"}  # the base config and dataset are compared below
+    before, now = flatten(started.model_dump(exclude=ignored)), flatten(space.model_dump(exclude=ignored))
+    changed = [key for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
+    before, now = flatten(started_base), flatten(base_tree)
+    changed += [f"base: {key}" for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ConfigError(f"{space_path}: not the search space {experiment_dir.name} started with ({shown} changed; "
+                          f"it started with {experiment_dir / 'space.yaml'}); put them back to resume, or start "
+                          "a new sweep with --name")
 
 
 def run_sweep(
@@ -423,7 +446,8 @@ def record_best_run(results_dir: str, run_dir: Path) -> None:
 def latest_best_run(results_dir: str = "results") -> Path:
     pointer = Path(results_dir) / BEST_RUN_POINTER
     if not pointer.is_file():
-        raise RaytumorError("no run given and no `raytumor train --best` run yet; pass RUN directories")
+        raise RaytumorError(f"no run given and no `raytumor train --best` run recorded in {pointer.parent} "
+                            "(--results-dir); pass RUN directories")
     run = Path(pointer.read_text().strip())
     if not run.is_dir():
         raise RaytumorError(f"{pointer}: the recorded best run {run} no longer exists")

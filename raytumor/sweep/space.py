@@ -159,6 +159,16 @@ def nest(flat: dict[str, Any]) -> dict:
     return tree
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"margin": 1}}`` -> ``{"train.margin": 1}`` (the inverse of :func:`nest`)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def _example(dist: Distribution) -> Any:
     if dist.type == "choice":
         return dist.values[0]

@@ -229,7 +229,8 @@ def test_evaluate_without_runs_finds_the_best_run_recorded_in_results_dir(runs, 
     [evaluated] = json.loads((tmp_path / "r" / "metrics.json").read_text())["runs"]
     assert evaluated["run_dir"] == str(runs["ce"].resolve())
     default = runner.invoke(app, ["evaluate", "--out", "r2"], env=WIDE)
-    assert isinstance(default.exception, RaytumorError) and "raytumor train --best" in str(default.exception)
+    assert isinstance(default.exception, RaytumorError)
+    assert "no `raytumor train --best` run recorded in results (--results-dir)" in str(default.exception)
 
 
 def test_evaluate_notes_a_k_clamped_to_the_reference_set(runs, tmp_path):

@@ -153,3 +153,30 @@ def test_ctrl_c_during_a_sweep_says_how_to_resume(dataset, tmp_path, monkeypatch
     assert (f"sweep interrupted; its state is saved in {tmp_path / 'results' / 'a b' / 'tune'}; no best config "
             f"chosen. Continue it with: raytumor sweep '{path}' --resume --name 'a b' "
             f"--results-dir {tmp_path / 'results'}") in err
+
+
+def test_a_sweep_resumes_only_with_the_space_and_base_it_started_with(dataset, tmp_path, monkeypatch, capsys):
+    from ray import tune
+
+    from raytumor.sweep.run import check_sweep
+
+    space = {"name": "tiny", "dataset": str(dataset), "results_dir": str(tmp_path / "results"), "num_samples": 4,
+             "base": {"train": {"epochs": 2}},
+             "parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(space))
+    _, base_tree, experiment = check_sweep(path)
+    experiment.mkdir(parents=True)  # what run_sweep records when the sweep starts
+    (experiment / "space.yaml").write_text(path.read_text())
+    (experiment / "base.yaml").write_text(yaml.safe_dump(base_tree))
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda directory: True))
+
+    path.write_text(yaml.safe_dump({**space, "name": "renamed"}))  # --name finds it; a name is not a setting
+    check_sweep(path, name="tiny", resume=True)
+    changed = {**space, "num_samples": 8, "base": {"train": {"epochs": 3}},
+               "parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": 2.0}}}
+    path.write_text(yaml.safe_dump(changed))
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(path), "--resume")
+    assert code == 2 and err.count("\n") == 1
+    assert (f"{path}: not the search space tiny started with (num_samples, parameters.train.margin.high, "
+            f"base: train.epochs changed; it started with {experiment / 'space.yaml'})") in err
