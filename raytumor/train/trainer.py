@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import pickle
 import signal
@@ -140,9 +141,29 @@ def build_trainer(
 
 
 def _latest_checkpoint(stage_dir: Path) -> str | None:
+    """The newest checkpoint of a stage that loads, skipping (with a warning) newer ones that do
+    not: a driver killed while Ray copied a checkpoint into the run directory left it cut short,
+    and ``--resume`` then failed in every worker although the one before it was whole."""
     # Ray names checkpoint directories checkpoint_<timestamp>: the last in sort order is the newest.
     found = sorted(p for p in stage_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
-    return str(found[-1].resolve()) if found else None
+    for directory in reversed(found):
+        try:
+            _read_checkpoint(directory)
+        except Exception as exc:  # noqa: BLE001 - truncated, empty or not a checkpoint
+            logging.getLogger(__name__).warning("%s: unreadable (%s); resuming from an older checkpoint",
+                                                directory / CHECKPOINT_FILE, _short_reason(exc))
+            continue
+        return str(directory.resolve())
+    if found:
+        raise RaytumorError(f"{stage_dir}: no checkpoint there loads; start the run afresh under another --name")
+    return None
+
+
+def _read_checkpoint(directory: str | Path) -> dict:
+    state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "history" not in state:
+        raise ValueError("not a raytumor training checkpoint")
+    return state
 
 
 def checkpointed_history(run_dir: str | Path) -> list[dict]:
@@ -151,7 +172,7 @@ def checkpointed_history(run_dir: str | Path) -> list[dict]:
     latest = _latest_checkpoint(Path(run_dir) / "train")
     if latest is None:
         return []
-    return list(torch.load(Path(latest) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["history"])
+    return list(_read_checkpoint(latest)["history"])
 
 
 def _fit(trainer) -> dict:

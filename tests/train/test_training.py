@@ -218,3 +218,25 @@ def test_ray_train_exiting_on_ctrl_c_is_an_interruption_and_its_handler_is_unbou
     with pytest.raises(KeyboardInterrupt):
         _fit(_RayTrainLikeTrainer())
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_skips_a_newest_checkpoint_cut_short_for_the_one_before(tmp_path, caplog):
+    from raytumor.errors import RaytumorError
+    from raytumor.train.loops import CHECKPOINT_FILE
+    from raytumor.train.trainer import _latest_checkpoint, checkpointed_history
+
+    stage = tmp_path / "run" / "train"
+    for index, epochs in enumerate(([{"epoch": 1}], [{"epoch": 1}, {"epoch": 2}])):
+        (stage / f"checkpoint_2026-12-02_0{index}").mkdir(parents=True)
+        torch.save({"epoch": len(epochs), "history": epochs}, stage / f"checkpoint_2026-12-02_0{index}" / CHECKPOINT_FILE)
+    assert _latest_checkpoint(stage) == str((stage / "checkpoint_2026-12-02_01").resolve())
+
+    newest = stage / "checkpoint_2026-12-02_01" / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[:100])  # the driver killed while Ray copied it into the run
+    assert _latest_checkpoint(stage) == str((stage / "checkpoint_2026-12-02_00").resolve())
+    assert f"{newest}: unreadable" in caplog.text
+    assert checkpointed_history(tmp_path / "run") == [{"epoch": 1}]
+
+    (stage / "checkpoint_2026-12-02_00" / CHECKPOINT_FILE).write_bytes(b"")
+    with pytest.raises(RaytumorError, match="no checkpoint there loads"):
+        _latest_checkpoint(stage)
