@@ -28,8 +28,9 @@ META_FILE = "meta.json"
 INPUTS_FILE = "inputs.json"
 SHARDS_DIR = "shards"
 # Bump when the preprocessing maths, or what it accepts, changes: old caches then stop matching.
-# 2: masks must hold integer labels >= 0.
-PREPROCESS_VERSION = 2
+# 2: masks must hold integer labels >= 0. 3: empty ground-truth masks and rows sharing an image
+# file are quarantined, as `raytumor data validate` flags them.
+PREPROCESS_VERSION = 3
 PAPER_SHAPE = (128, 128, 12)
 
 

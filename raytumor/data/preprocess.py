@@ -36,7 +36,8 @@ from raytumor.data.layout import (  # noqa: F401 - the cache's layout, re-export
     write_inputs_record,
 )
 from raytumor.data.manifest import read_manifest_and_digest, resolve_path
-from raytumor.data.validate import CaseCheckError, CaseProblem, check_case, table_problems, write_quarantine
+from raytumor.data.validate import (CaseCheckError, CaseProblem, check_case, check_ground_truth_mask, shared_image_problems,
+                                    table_problems, write_quarantine)
 from raytumor.data.volumes import ras_voxels
 from raytumor.errors import DatasetError
 from raytumor.storage import atomic_path, atomic_write_text
@@ -106,6 +107,7 @@ def preprocess_batch(batch: pd.DataFrame, settings: PrepareSettings) -> dict[str
     for row in batch.itertuples(index=False):
         try:
             image, mask = check_case(row.image, row.mask, allow_2d=settings.allow_2d)
+            check_ground_truth_mask(mask, row.mask_kind, row.mask)
             mask_data = ras_voxels(mask) if mask is not None else None
             volumes.append(preprocess_volume(ras_voxels(image), mask_data, settings))
             errors.append("")
@@ -307,9 +309,8 @@ def prepare_dataset(
         return found
     manifest, fp, target = inputs.manifest, inputs.fingerprint, inputs.cache
 
-    problems: list[CaseProblem] = table_problems(manifest, None)
-    duplicated = set(p.case_id for p in problems)
-    rows = manifest[~manifest["case_id"].isin(duplicated)].copy()
+    problems: list[CaseProblem] = table_problems(manifest, None) + shared_image_problems(manifest, dataset_dir)
+    rows = manifest[~manifest["case_id"].isin({p.case_id for p in problems})].copy()
     rows["image"] = [resolve_path(dataset_dir, p) for p in rows["image"]]
     rows["mask"] = [resolve_path(dataset_dir, p) for p in rows["mask"]]
     rows = rows[["case_id", "image", "mask", "label", "split", "mask_kind"]]

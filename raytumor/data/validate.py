@@ -139,6 +139,13 @@ class CaseCheckError(Exception):
         self.role = role
 
 
+def check_ground_truth_mask(mask: Volume | None, mask_kind: str | None, mask_path: str | None) -> None:
+    """A ground-truth mask (any ``mask_kind`` but ``pseudo``) must mark some tumour; a pseudo
+    mask may be empty (the segmenter found nothing)."""
+    if mask is not None and mask_kind != "pseudo" and not np.any(mask.data > 0):
+        raise CaseCheckError(mask_path, "empty ground-truth mask (no voxel > 0)", "mask")
+
+
 def table_problems(manifest: pd.DataFrame, class_labels: Iterable[int] | None) -> list[CaseProblem]:
     """Problems visible from the manifest alone: duplicate ids, labels missing from the class table."""
     problems = []
@@ -199,13 +206,12 @@ def validate_dataset(
 
     def one(row) -> tuple[CaseProblem | None, str | None]:
         try:
-            image, mask = check_case(resolve_path(dataset_dir, row.image), resolve_path(dataset_dir, row.mask),
-                                     allow_2d=PrepareSettings.allow_2d)
+            mask_path = resolve_path(dataset_dir, row.mask)
+            image, mask = check_case(resolve_path(dataset_dir, row.image), mask_path, allow_2d=PrepareSettings.allow_2d)
+            check_ground_truth_mask(mask, row.mask_kind, mask_path)
         except CaseCheckError as exc:
             stored = row.image if exc.role == "image" else row.mask
             return CaseProblem(row.case_id, stored, f"{exc.role}: {exc.reason}"), None
-        if mask is not None and row.mask_kind != "pseudo" and not np.any(mask.data > 0):
-            return CaseProblem(row.case_id, row.mask, "mask: empty ground-truth mask (no voxel > 0)"), None
         return None, image.orientation
 
     rows = list(manifest.itertuples(index=False))

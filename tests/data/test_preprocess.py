@@ -202,16 +202,25 @@ def test_prepare_quarantines_what_validate_flags(ray_local, tmp_path):
     write_nifti(dataset / "odd" / "slice.nii.gz", image[:, :, 0])
     write_nifti(dataset / "odd" / "image.nii.gz", image)
     write_nifti(dataset / "odd" / "negative_mask.nii.gz", -mask.astype(np.float32))
+    write_nifti(dataset / "odd" / "image2.nii.gz", image)
+    write_nifti(dataset / "odd" / "empty_mask.nii.gz", np.zeros_like(mask, dtype=np.uint8))
+    first = read_manifest(dataset).iloc[0]
     odd = [dict(case_id="slice", image="odd/slice.nii.gz", mask=None, label=0, split="train", source="test"),
            dict(case_id="negative-mask", image="odd/image.nii.gz", mask="odd/negative_mask.nii.gz", label=1,
-                split="train", source="test", mask_kind="ground_truth")]
+                split="train", source="test", mask_kind="ground_truth"),
+           dict(case_id="empty-mask", image="odd/image2.nii.gz", mask="odd/empty_mask.nii.gz", label=1,
+                split="train", source="test", mask_kind="ground_truth"),
+           dict(case_id="copy", image=first["image"], mask=None, label=0, split="test", source="test")]
     write_manifest(dataset, pd.concat([read_manifest(dataset), pd.DataFrame(odd)], ignore_index=True))
 
     prepared = prepare_dataset(dataset, PrepareSettings(shape=SHAPE))
     quarantine = pd.read_csv(prepared.quarantine).set_index("case_id")
-    assert prepared.n_cases == 6 and sorted(quarantine.index) == ["negative-mask", "slice"]
+    assert prepared.n_cases == 6 and sorted(quarantine.index) == ["copy", "empty-mask", "negative-mask", "slice"]
     assert quarantine.loc["slice", "reason"].startswith("2-D image of shape (20, 20)")
     assert quarantine.loc["negative-mask", "reason"].startswith("negative values (min -1)")
+    assert quarantine.loc["empty-mask", "reason"] == "empty ground-truth mask (no voxel > 0)"
+    assert quarantine.loc["copy", "reason"] == f"image: also the image of case {first['case_id']} (split {first['split']})"
+    assert set(read_rows(ray_local, prepared).index) == set(read_manifest(dataset)["case_id"][:6])
     assert {p.case_id for p in validate_dataset(dataset).problems} == set(quarantine.index)
 
 
