@@ -25,7 +25,7 @@ import yaml
 from raytumor.config import RunConfig, build_config, check_directory_name, dump_config, merge
 from raytumor.errors import ConfigError, RaytumorError
 from raytumor.storage import atomic_write_text
-from raytumor.sweep.space import SearchSpace, flatten, load_search_space, nest, suggest
+from raytumor.sweep.space import Distribution, SearchSpace, flatten, load_search_space, nest, suggest
 
 if TYPE_CHECKING:
     from raytumor.train.tracking import MLflowTarget
@@ -234,7 +234,20 @@ def check_sweep(
     elif experiment_dir.exists():
         raise RaytumorError(f"{experiment_dir}: sweep exists; use --resume to continue it or --name for a new one")
     read_manifest(base_tree["data"]["dataset"])  # made absolute above, from the fixed config
+    _check_backbone(space, base_tree)
     return space, base_tree, experiment_dir
+
+
+def _check_backbone(space: SearchSpace, base_tree: dict) -> None:
+    """A ``train.pretrained`` backbone every trial uses is loaded once here, as ``raytumor
+    train`` does, unless trials vary what it must fit (encoder, width) or the backbone itself."""
+    from raytumor.train.run_dir import check_pretrained_backbone
+
+    config = build_config(merge(base_tree, nest(space.fixed())), source=space.name)
+    varied = {key for key, value in space.parameters.items() if isinstance(value, Distribution)}
+    varied |= {key for overrides in space.configurations or [] for key in overrides}
+    if config.train.pretrained and not varied & {"model.encoder", "model.width", "train.pretrained"}:
+        check_pretrained_backbone(config)
 
 
 def _check_unchanged(space_path, space: SearchSpace, base_tree: dict, experiment_dir: Path) -> None:

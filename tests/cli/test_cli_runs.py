@@ -180,3 +180,23 @@ def test_a_sweep_resumes_only_with_the_space_and_base_it_started_with(dataset, t
     assert code == 2 and err.count("\n") == 1
     assert (f"{path}: not the search space tiny started with (num_samples, parameters.train.margin.high, "
             f"base: train.epochs changed; it started with {experiment / 'space.yaml'})") in err
+
+
+def test_a_sweep_checks_a_backbone_every_trial_uses_before_ray_starts(dataset, tmp_path, monkeypatch, capsys):
+    (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
+    space = {"name": "tiny", "dataset": str(dataset), "results_dir": str(tmp_path / "results"),
+             "base": {"train": {"pretrained": str(tmp_path / "damaged.pt")}},
+             "parameters": {"train.margin": {"type": "uniform", "low": 0.1, "high": 1.0}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(path))
+    assert code == 2 and err.count("\n") == 1
+    assert f"train.pretrained: {tmp_path / 'damaged.pt'}: not a loadable weights file" in err
+    assert not (tmp_path / "results").exists()
+
+    # Trials of another width each load it into their own encoder; nothing to check once for all.
+    space["parameters"]["model.width"] = {"type": "choice", "values": [0.25, 0.5]}
+    path.write_text(yaml.safe_dump(space))
+    from raytumor.sweep.run import check_sweep
+
+    check_sweep(path)
