@@ -336,11 +336,14 @@ def _run_stages(config, run_dir, resuming, stages, stage_callbacks, extra_loop_c
     history.to_csv(run_dir / "metrics.csv", index=False)
     _copy_bytes(run_dir / BEST_MODEL_FILE, files[BEST_MODEL_FILE])
     best_row = history.loc[history["epoch"] == state["best_epoch"]].iloc[0].to_dict() if len(history) else {}
+    best_metrics = {k: float(v) for k, v in best_row.items()}
+    # A metric without a value (Recall_M* on a split without rare cases) is null: NaN is not JSON.
     summary = {"best_epoch": int(state["best_epoch"]), "selection_metric": SELECTION_METRIC,
                "epochs": int(state["epoch"]), "restarts_from_checkpoint": int(state["restarts"]),
-               "best_metrics": {k: float(v) for k, v in best_row.items()}, "pretrained_backbone": backbone}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    return TrainingResult(run_dir, int(state["best_epoch"]), summary["best_metrics"])
+               "best_metrics": {k: v if math.isfinite(v) else None for k, v in best_metrics.items()},
+               "pretrained_backbone": backbone}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    return TrainingResult(run_dir, int(state["best_epoch"]), best_metrics)
 
 
 def best_model_path(run_dir: str | Path) -> Path:
