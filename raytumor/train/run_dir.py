@@ -32,7 +32,12 @@ def _checked_run_dir(config: RunConfig, resume: bool | str) -> tuple[Path, bool]
 def check_run(config: RunConfig, *, resume: bool | str) -> None:
     """Fail now, without Ray, on what would stop the run before its first step: the run
     directory against ``resume``, the dataset's manifest, the pre-trained backbone."""
-    _checked_run_dir(config, resume)
+    run_dir, _ = _checked_run_dir(config, resume)
+    if resume is True and (run_dir / "summary.json").is_file():
+        # Its config cannot change on resume, so there is no epoch left to train; Ray's start
+        # and the workers' imports came first, then an error about a missing checkpoint.
+        raise RaytumorError(f"{run_dir}: the run has finished (summary.json); nothing to resume. Evaluate it with "
+                            f"`raytumor evaluate {run_dir}`, or train again under another --name")
     read_manifest(config.data.dataset)
     if config.train.pretrained:
         check_pretrained_backbone(config)

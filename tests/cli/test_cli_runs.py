@@ -46,6 +46,10 @@ def test_training_checks_the_run_directory_and_backbone_before_ray_starts(datase
     assert code == 2 and err.count("\n") == 1 and "run exists; use --resume" in err
     code, err = _run_main(monkeypatch, capsys, "train", *base[:-1], "r2", "--resume")
     assert code == 2 and "no run to resume" in err
+    (tmp_path / "runs" / "r1" / "summary.json").write_text("{}")
+    code, err = _run_main(monkeypatch, capsys, "train", *base, "--resume")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'runs' / 'r1'}: the run has finished (summary.json); nothing to resume" in err
     code, err = _run_main(monkeypatch, capsys, "train", *base[:-1], "r2", "--set", f"train.pretrained={tmp_path}")
     assert code == 2 and err.count("\n") == 1 and "no pre-trained backbone found" in err
     assert not (tmp_path / "runs" / "r2").exists()
