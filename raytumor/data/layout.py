@@ -29,8 +29,9 @@ INPUTS_FILE = "inputs.json"
 SHARDS_DIR = "shards"
 # Bump when the preprocessing maths, or what it accepts, changes: old caches then stop matching.
 # 2: masks must hold integer labels >= 0. 3: empty ground-truth masks and rows sharing an image
-# file are quarantined, as `raytumor data validate` flags them.
-PREPROCESS_VERSION = 3
+# file are quarantined, as `raytumor data validate` flags them. 4: a .nii.gz must decompress
+# whole (one missing its gzip trailer read as valid).
+PREPROCESS_VERSION = 4
 PAPER_SHAPE = (128, 128, 12)
 
 

@@ -49,6 +49,8 @@ def read_volume(path: str, *, allow_2d: bool = False) -> Volume:
         raise VolumeError("not NIfTI (expected a .nii or .nii.gz file)")
     try:
         image = load_nifti(path)
+    except VolumeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
         detail = str(exc).replace(path, os.path.basename(path))  # the reason never carries the path
         raise VolumeError(f"not NIfTI or unreadable header ({type(exc).__name__}: {detail})") from None
@@ -80,17 +82,27 @@ def load_nifti(path: str):
 
     Decompression is most of the time it takes to read a volume (5 of 8 ms at 128x128x32), and
     with ISA-L instead of the zlib behind nibabel's gzip reader a volume reads 1.7-2.4x faster
-    (docs/benchmarks.md, figure 3). Any file that
-    this fast path cannot read whole (a truncated or corrupt stream, an odd header) goes to
-    ``nib.load``, so broken files get nibabel's own errors, as before.
+    (docs/benchmarks.md, figure 3). A gzip stream that does not decompress whole (cut short,
+    corrupt, failing its CRC) is a :class:`VolumeError`: nibabel reads only as many bytes as
+    the header asks for, so a file missing just its gzip trailer read as valid there. Any other
+    file this fast path cannot read (not gzip, an odd header) goes to ``nib.load``, so it gets
+    nibabel's own errors.
     """
     if "://" in path or not path.lower().endswith(".gz"):
         return nib.load(path)
     try:
         from isal import igzip
-
-        with open(path, "rb") as handle:
-            raw = igzip.decompress(handle.read())
+    except ImportError:  # an optional speed-up
+        return nib.load(path)
+    with open(path, "rb") as handle:
+        compressed = handle.read()
+    if not compressed.startswith(b"\x1f\x8b"):  # not gzip at all
+        return nib.load(path)
+    try:
+        raw = igzip.decompress(compressed)
+    except Exception as exc:  # noqa: BLE001 - EOFError, BadGzipFile, IsalError by the damage
+        raise VolumeError(f"truncated or corrupt gzip ({type(exc).__name__}: {exc})") from None
+    try:
         header_size = int.from_bytes(raw[:4], "little")
         if header_size not in (348, 540):
             header_size = int.from_bytes(raw[:4], "big")

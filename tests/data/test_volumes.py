@@ -61,14 +61,21 @@ def test_uncompressed_files_and_missing_isal_read_through_nibabel(tmp_path, monk
     assert nib_load_calls == [path]
 
 
-def test_a_cut_gzip_stream_gets_nibabels_error(tmp_path, nib_load_calls):
+@pytest.mark.parametrize("damage", ["half", "trailer", "last byte", "crc"])
+def test_a_gzip_stream_that_does_not_decompress_whole_is_named(tmp_path, nib_load_calls, damage):
     good = tmp_path / "good.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(1).random((16, 16, 8)).astype(np.float32), np.eye(4)), str(good))
+    raw = good.read_bytes()
+    damaged = {"half": raw[: len(raw) // 2], "trailer": raw[:-8], "last byte": raw[:-1],
+               "crc": raw[:-8] + bytes(b ^ 0xFF for b in raw[-8:-4]) + raw[-4:]}[damage]
     cut = tmp_path / "cut.nii.gz"
-    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(VolumeError, match="truncated or unreadable voxel data"):
+    cut.write_bytes(damaged)
+    if damage != "half":  # nibabel reads only the bytes its header asks for: these read as valid there
+        assert np.asarray(nib.load(str(cut)).dataobj).shape == (16, 16, 8)
+        nib_load_calls.clear()
+    with pytest.raises(VolumeError, match=r"^truncated or corrupt gzip \((EOFError|BadGzipFile)"):
         read_volume(str(cut))
-    assert nib_load_calls == [str(cut)]  # the fast path gave up; nibabel reported what is wrong
+    assert nib_load_calls == []
 
 
 _PAGE_FAULTS_PER_READ = """

@@ -92,7 +92,7 @@ def test_a_scan_without_mask_gets_a_zero_mask_channel(indexed, tmp_path):
 
 
 @pytest.mark.parametrize("writer, reason", [
-    ("truncated", "truncated or unreadable voxel data"),
+    ("truncated", "truncated or corrupt gzip (EOFError"),
     ("four_d", "4-D image"),
     ("not_nifti", "not NIfTI"),
     ("missing", "missing file"),
@@ -133,7 +133,7 @@ def test_bad_scans_in_a_batch_are_listed_and_the_others_searched(indexed, tmp_pa
             (str(truncated), str(truncated)),
         }
         assert "4-D image" in problems[(str(four_d), str(four_d))]
-        assert "truncated or unreadable voxel data" in problems[(str(truncated), str(truncated))]
+        assert "truncated or corrupt gzip (EOFError" in problems[(str(truncated), str(truncated))]
         assert list(results.problems_frame().columns) == ["query", "file", "reason"]
 
 
