@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -18,9 +16,6 @@ from raytumor.data.volumes import Volume, VolumeError, check_image_content, chec
 from raytumor.storage import atomic_write_text
 
 QUARANTINE_FILE = "quarantine.csv"
-# read_volume's reason when nibabel cannot make out a file; for a cut-short .gz, gzip_fault says so.
-UNREADABLE_HEADER = "not NIfTI or unreadable header"
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -93,27 +88,7 @@ def _read_case_file(path: str, role: str, allow_2d: bool) -> Volume:
     try:
         return read_volume(path, allow_2d=allow_2d)
     except VolumeError as exc:
-        reason = str(exc)
-        if reason.startswith(UNREADABLE_HEADER):
-            reason = gzip_fault(path) or reason
-        raise CaseCheckError(path, reason, role) from None
-
-
-def gzip_fault(path: str) -> str | None:
-    """Why a gzip file does not decompress whole (cut short, or corrupt), or None: for a file
-    that decompresses, or is not gzip at all (no gzip magic number)."""
-    try:
-        with open(path, "rb") as raw:
-            if raw.read(2) != GZIP_MAGIC:
-                return None
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        return f"truncated or corrupt gzip ({type(exc).__name__}: {exc})"
-    except OSError:  # not even readable: read_volume's reason stands
-        pass
-    return None
+        raise CaseCheckError(path, str(exc), role) from None
 
 
 def check_mask_labels(data: np.ndarray) -> None:

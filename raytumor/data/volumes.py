@@ -17,6 +17,7 @@ from raytumor.runtime import reuse_freed_memory
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Largest off-axis component of a unit voxel axis that still counts as axis-aligned.
 OBLIQUE_TOLERANCE = 1e-3
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class VolumeError(Exception):
@@ -96,7 +97,7 @@ def load_nifti(path: str):
         return nib.load(path)
     with open(path, "rb") as handle:
         compressed = handle.read()
-    if not compressed.startswith(b"\x1f\x8b"):  # not gzip at all
+    if not compressed.startswith(GZIP_MAGIC):  # not gzip at all
         return nib.load(path)
     try:
         raw = igzip.decompress(compressed)

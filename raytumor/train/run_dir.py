@@ -9,7 +9,7 @@ from pathlib import Path
 
 from raytumor.config import RunConfig, dump_config
 from raytumor.data.manifest import read_manifest
-from raytumor.errors import ConfigError, RaytumorError
+from raytumor.errors import ConfigError, RaytumorError, short_reason
 from raytumor.storage import atomic_write_text
 
 PRETRAINED_BACKBONE_FILE = "pretrain_backbone.pt"
@@ -72,9 +72,7 @@ def check_pretrained_backbone(config: RunConfig) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file: RuntimeError, UnpicklingError, EOFError, ... by how it is damaged
-        message = str(exc).strip()
-        reason = message.splitlines()[0].split(". ")[0] if message else type(exc).__name__
-        raise ConfigError(f"train.pretrained: {path}: not a loadable weights file ({reason})") from None
+        raise ConfigError(f"train.pretrained: {path}: not a loadable weights file ({short_reason(exc)})") from None
     if not isinstance(state, Mapping):
         raise ConfigError(f"train.pretrained: {path}: expected a state dict of weights, got a {type(state).__name__}")
     model = build_model(config.model.encoder, in_channels=2, width=config.model.width)

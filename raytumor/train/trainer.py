@@ -32,7 +32,7 @@ import torch
 from filelock import FileLock
 
 from raytumor.config import RunConfig
-from raytumor.errors import RaytumorError
+from raytumor.errors import RaytumorError, short_reason
 from raytumor.storage import atomic_path, atomic_write_text
 from raytumor.train.data_config import ShardedTrainConfig
 from raytumor.train.datasets import StageInputs, pretraining_inputs, training_inputs
@@ -141,38 +141,38 @@ def build_trainer(
 
 
 def _latest_checkpoint(stage_dir: Path) -> str | None:
-    """The newest checkpoint of a stage that loads, skipping (with a warning) newer ones that do
-    not: a driver killed while Ray copied a checkpoint into the run directory left it cut short,
-    and ``--resume`` then failed in every worker although the one before it was whole."""
+    """The newest checkpoint of a stage that loads (see :func:`_latest_checkpoint_state`)."""
+    latest = _latest_checkpoint_state(stage_dir)
+    return None if latest is None else str(latest[0].resolve())
+
+
+def _latest_checkpoint_state(stage_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a stage that loads, and its state, skipping (with a warning)
+    newer ones that do not: a driver killed while Ray copied a checkpoint into the run
+    directory left it cut short, and ``--resume`` then failed in every worker although the one
+    before it was whole."""
     # Ray names checkpoint directories checkpoint_<timestamp>: the last in sort order is the newest.
     found = sorted(p for p in stage_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
     for directory in reversed(found):
         try:
-            _read_checkpoint(directory)
+            state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "history" not in state:
+                raise ValueError("not a raytumor training checkpoint")
         except Exception as exc:  # noqa: BLE001 - truncated, empty or not a checkpoint
             logging.getLogger(__name__).warning("%s: unreadable (%s); resuming from an older checkpoint",
-                                                directory / CHECKPOINT_FILE, _short_reason(exc))
+                                                directory / CHECKPOINT_FILE, short_reason(exc))
             continue
-        return str(directory.resolve())
+        return directory, state
     if found:
         raise RaytumorError(f"{stage_dir}: no checkpoint there loads; start the run afresh under another --name")
     return None
 
 
-def _read_checkpoint(directory: str | Path) -> dict:
-    state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "history" not in state:
-        raise ValueError("not a raytumor training checkpoint")
-    return state
-
-
 def checkpointed_history(run_dir: str | Path) -> list[dict]:
     """The epochs of ``run_dir``'s training stage in its latest checkpoint, oldest first ([] if none):
     what a resumed run will not train, and so not report, again."""
-    latest = _latest_checkpoint(Path(run_dir) / "train")
-    if latest is None:
-        return []
-    return list(_read_checkpoint(latest)["history"])
+    latest = _latest_checkpoint_state(Path(run_dir) / "train")
+    return [] if latest is None else list(latest[1]["history"])
 
 
 def _fit(trainer) -> dict:
@@ -357,12 +357,6 @@ def best_model_path(run_dir: str | Path) -> Path:
     return path
 
 
-def _short_reason(exc: Exception) -> str:
-    """The first informative sentence of an error from torch (whose messages run to many lines)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().endswith(":")]
-    return lines[0].split(". ")[0][:200] if lines else type(exc).__name__
-
-
 def load_best_model(run_dir: str | Path):
     """The best model of a run (weights loaded with ``weights_only=True``) and its config."""
     from raytumor.models import build_model
@@ -376,7 +370,7 @@ def load_best_model(run_dir: str | Path):
                                 "(checkpoints load with weights_only=True)") from None
         raise RaytumorError(f"{path}: not a readable raytumor model (not a PyTorch checkpoint)") from None
     except Exception as exc:  # noqa: BLE001 - truncated, empty or not a checkpoint
-        raise RaytumorError(f"{path}: not a readable raytumor model ({_short_reason(exc)})") from None
+        raise RaytumorError(f"{path}: not a readable raytumor model ({short_reason(exc)})") from None
     missing = [key for key in ("config", "model") if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise RaytumorError(f"{path}: not a raytumor model (no {', '.join(missing)})")
@@ -388,7 +382,7 @@ def load_best_model(run_dir: str | Path):
                             normalize=triplet, width=config.model.width)
         model.load_state_dict(payload["model"])
     except (ValueError, KeyError, RuntimeError) as exc:  # a config or weights that do not fit this version
-        raise RaytumorError(f"{path}: its weights do not fit its config ({_short_reason(exc)})") from None
+        raise RaytumorError(f"{path}: its weights do not fit its config ({short_reason(exc)})") from None
     model.eval()
     return model, config
 

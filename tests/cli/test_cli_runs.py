@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -17,9 +18,13 @@ def _no_ray(*args, **kwargs):
     raise AssertionError("Ray was started")
 
 
-def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """The real entry point in-process, with Ray forbidden: its exit code and stderr."""
-    monkeypatch.setattr(runtime, "ray_session", _no_ray)
+def _no_ray_needed(*args, **kwargs):
+    return contextlib.nullcontext()
+
+
+def _run_main(monkeypatch, capsys, *args: str, ray_session=_no_ray) -> tuple[int, str]:
+    """The real entry point in-process, with Ray forbidden (or faked): its exit code and stderr."""
+    monkeypatch.setattr(runtime, "ray_session", ray_session)
     monkeypatch.setattr(sys, "argv", ["raytumor", *args])
     with pytest.raises(SystemExit) as info:
         main()
@@ -114,29 +119,21 @@ def test_run_and_sweep_names_stay_inside_their_output_directory(tmp_path, monkey
 
 @pytest.mark.parametrize("command", ["train", "pretrain"])
 def test_ctrl_c_during_training_says_how_to_resume(command, dataset, tmp_path, monkeypatch, capsys):
-    import contextlib
-
     from raytumor.train import trainer
 
     def interrupted_training(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "run_training", interrupted_training)
-    monkeypatch.setattr(runtime, "ray_session", lambda *args, **kwargs: contextlib.nullcontext())
-    monkeypatch.setattr(sys, "argv", ["raytumor", command, "--set", f"data.dataset={dataset}",
-                                      "--set", f"output_dir={tmp_path / 'runs'}", "--name", "r 1"])
-    with pytest.raises(SystemExit) as info:
-        main()
-    err = capsys.readouterr().err
-    assert info.value.code == 130
+    code, err = _run_main(monkeypatch, capsys, command, "--set", f"data.dataset={dataset}",
+                          "--set", f"output_dir={tmp_path / 'runs'}", "--name", "r 1", ray_session=_no_ray_needed)
+    assert code == 130
     assert (f"training interrupted; {tmp_path / 'runs' / 'r 1'} keeps its checkpoints. Continue it with: "
             f"raytumor {command} --set data.dataset={dataset} --set output_dir={tmp_path / 'runs'} "
             f"--name 'r 1' --resume") in err
 
 
 def test_ctrl_c_during_a_sweep_says_how_to_resume(dataset, tmp_path, monkeypatch, capsys):
-    import contextlib
-
     from raytumor.sweep import run
 
     def interrupted_sweep(space, name, results_dir, resume, mlflow):
@@ -147,13 +144,9 @@ def test_ctrl_c_during_a_sweep_says_how_to_resume(dataset, tmp_path, monkeypatch
     path = tmp_path / "my space.yaml"
     path.write_text(yaml.safe_dump(space))
     monkeypatch.setattr(run, "run_sweep", interrupted_sweep)
-    monkeypatch.setattr(runtime, "ray_session", lambda *args, **kwargs: contextlib.nullcontext())
-    monkeypatch.setattr(sys, "argv", ["raytumor", "sweep", str(path), "--name", "a b",
-                                      "--results-dir", str(tmp_path / "results")])
-    with pytest.raises(SystemExit) as info:
-        main()
-    err = capsys.readouterr().err
-    assert info.value.code == 130
+    code, err = _run_main(monkeypatch, capsys, "sweep", str(path), "--name", "a b",
+                          "--results-dir", str(tmp_path / "results"), ray_session=_no_ray_needed)
+    assert code == 130
     assert (f"sweep interrupted; its state is saved in {tmp_path / 'results' / 'a b' / 'tune'}; no best config "
             f"chosen. Continue it with: raytumor sweep '{path}' --resume --name 'a b' "
             f"--results-dir {tmp_path / 'results'}") in err
