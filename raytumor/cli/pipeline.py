@@ -91,10 +91,11 @@ def demo(
 def _sweep(console, space: Path, base_tree: dict, results: Path, mlflow) -> Path:
     import yaml
 
+    from raytumor.config import read_yaml_file
     from raytumor.storage import atomic_write_text
     from raytumor.sweep.run import BEST_FILE, run_sweep
 
-    space_def = yaml.safe_load(space.read_text())
+    space_def = read_yaml_file(space, "search space")
     experiment = results / space_def["name"]
     if (experiment / BEST_FILE).is_file():
         console.print(f"[5/7] sweep done: {experiment / BEST_FILE}")

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import yaml
 
+from raytumor.config import read_yaml_file
 from raytumor.errors import RaytumorError
 from raytumor.reporting import PRETRAIN_NAMES, TRAIN_NAMES, ReportDoc, new_figure, png_bytes, table2_row_name
 from raytumor.storage import atomic_path, atomic_write_text
@@ -101,8 +101,8 @@ def read_space(experiment_dir: str | os.PathLike) -> SweepSpace:
     path = experiment_dir / "space.yaml"
     if path.is_file():
         try:
-            space = SearchSpace.model_validate(yaml.safe_load(path.read_text()))
-        except (yaml.YAMLError, ValueError) as exc:
+            space = SearchSpace.model_validate(read_yaml_file(path, "search space"))
+        except ValueError as exc:
             raise RaytumorError(f"{path}: not a valid search space ({str(exc).splitlines()[0]})") from None
         grid_keys: list[str] = []
         for configuration in space.configurations or []:
@@ -120,7 +120,7 @@ def read_space(experiment_dir: str | os.PathLike) -> SweepSpace:
 
 def _suppress_bad_file():
     """A damaged per-trial file costs that trial's detail, not the report."""
-    return contextlib.suppress(ValueError, KeyError, TypeError, OSError, yaml.YAMLError)
+    return contextlib.suppress(ValueError, KeyError, TypeError, OSError, RaytumorError)
 
 
 def _read_leaderboard(experiment_dir: Path) -> pd.DataFrame:
@@ -251,7 +251,7 @@ def load_trials(experiment_dir: str | os.PathLike, space: SweepSpace | None = No
         config: dict[str, Any] = {}
         if config_file.is_file():
             with _suppress_bad_file():
-                config = flatten(yaml.safe_load(config_file.read_text()) or {})
+                config = flatten(read_yaml_file(config_file, "trial config") or {})
         values = {**space.fixed, **config}
         for key in space.swept:  # no config: the sampled values the leaderboard recorded
             if key not in config and f"param:{key}" in record:
@@ -660,10 +660,12 @@ def build_report(trials: pd.DataFrame, space: SweepSpace, experiment_name: str) 
     doc = ReportDoc(PLOTS_DIR)
     doc.heading(1, f"Sweep report: {experiment_name}")
     errored = int((trials["status"] == "error").sum())
+    stopped = int((trials["status"] == "stopped").sum())
     no_objective = int(trials["objective"].isna().sum())
     doc.para(headline(trials, space))
     facts = [f"Objective: {space.metric} ({space.mode}imise), {METRIC_LABELS.get(space.metric, space.metric)}",
              f"Search: {space.search}; {len(trials)} trial(s), {len(trials) - no_objective} with an objective"
+             + (f", {stopped} stopped early by the scheduler" if stopped else "")
              + (f", {errored} errored" if errored else ""),
              "Swept: " + (", ".join(space.swept) if space.swept else "nothing (fixed parameters only)")]
     best = best_trial(trials)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import pandas as pd
 import yaml
 
-from raytumor.config import RunConfig, build_config, check_directory_name, dump_config, merge
+from raytumor.config import RunConfig, build_config, check_directory_name, dump_config, merge, read_yaml_file
 from raytumor.errors import ConfigError, RaytumorError
 from raytumor.storage import atomic_write_text
 from raytumor.sweep.space import Distribution, SearchSpace, flatten, load_search_space, nest, suggest
@@ -256,9 +256,9 @@ def _check_unchanged(space_path, space: SearchSpace, base_tree: dict, experiment
     scheduler, while the trials' base config and context come from the files given now, so a
     changed file mixed two sweeps in one leaderboard. Its name and results_dir may differ."""
     try:
-        started = SearchSpace.model_validate(yaml.safe_load((experiment_dir / "space.yaml").read_text()))
-        started_base = yaml.safe_load((experiment_dir / "base.yaml").read_text())
-    except (OSError, yaml.YAMLError, ValueError):  # an older sweep's record, or none: nothing to compare
+        started = SearchSpace.model_validate(read_yaml_file(experiment_dir / "space.yaml", "search space"))
+        started_base = read_yaml_file(experiment_dir / "base.yaml", "base config")
+    except (ConfigError, ValueError):  # an older sweep's record, or none: nothing to compare
         return
     ignored = {"name", "results_dir", "base", "dataset"}  # the base config and dataset are compared below
     before, now = flatten(started.model_dump(exclude=ignored)), flatten(space.model_dump(exclude=ignored))
@@ -380,13 +380,35 @@ def _fit_noting_interruption(tuner) -> tuple[Any, bool]:
         signal.signal(signal.SIGINT, before)
 
 
-def _trial_rows(results, space: SearchSpace) -> list[dict]:
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
+def export_stopped_trials(experiment_dir: Path, results) -> None:
+    """Export the run directory of each trial the scheduler stopped early (only a trial that
+    trains to its last epoch exports its own) from its newest checkpoint. A failed trial is
+    left as it is: ``--resume`` retries it from that checkpoint."""
+    from raytumor.train.trainer import export_stopped_run
+
+    for result in results:
+        if not result.error:
+            export_stopped_run(experiment_dir / "trials" / _trial_id(result))
+
+
+def _stopped_early(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text()).get("stopped_early"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _trial_rows(results, space: SearchSpace, trials_dir: Path) -> list[dict]:
     rows = []
     metric, mode = space.objective.metric, space.objective.mode
     for result in results:
         history = result.metrics_dataframe
         params = sampled_params(result.config or {})
-        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
+        row: dict[str, Any] = {"trial_id": _trial_id(result)}
         row.update({f"param:{k}": v for k, v in params.items()})
         if history is not None and metric in history.columns and history[metric].notna().any():
             best_index = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
@@ -399,14 +421,16 @@ def _trial_rows(results, space: SearchSpace) -> list[dict]:
                     row[key] = float(best[key])
         else:
             row["objective"] = math.nan
-        row["status"] = "error" if result.error else "done"
+        row["status"] = ("error" if result.error else "stopped" if _stopped_early(trials_dir / row["trial_id"])
+                         else "done")
         rows.append(row)
     return rows
 
 
 def summarise(experiment_dir: Path, results, space: SearchSpace, base_tree: dict) -> SweepResult:
     """Leaderboard by the validation objective and ``best.yaml``: the test split is never read."""
-    rows = _trial_rows(results, space)
+    export_stopped_trials(experiment_dir, results)
+    rows = _trial_rows(results, space, experiment_dir / "trials")
     board = pd.DataFrame(rows)
     ascending = space.objective.mode == "min"
     board = board.sort_values("objective", ascending=ascending, na_position="last").reset_index(drop=True)
@@ -416,7 +440,7 @@ def summarise(experiment_dir: Path, results, space: SearchSpace, base_tree: dict
         raise RaytumorError(f"{experiment_dir}: no trial reported {space.objective.metric}; see the trial logs under tune/")
     best_id = finished.iloc[0]["trial_id"]
     best_config_file = experiment_dir / "trials" / best_id / "config.yaml"
-    best_tree = yaml.safe_load(best_config_file.read_text())
+    best_tree = read_yaml_file(best_config_file, "trial config")
     best_tree["name"] = f"{experiment_dir.name}-best"
     best_tree["output_dir"] = "runs"
     if space.final_train_epochs:

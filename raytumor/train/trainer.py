@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import pickle
+import shutil
 import signal
 import threading
 from dataclasses import dataclass
@@ -194,7 +195,25 @@ def _fit(trainer) -> dict:
         raise RaytumorError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.suffix == ".pt"}
+    _drop_unregistered_checkpoints(result)
     return files
+
+
+def _drop_unregistered_checkpoints(result) -> None:
+    """Delete the checkpoint directories of a finished stage that Ray Train does not keep. Its
+    checkpoint manager deletes those past ``num_to_keep`` that it registered; a driver killed
+    between a checkpoint's upload and its registration left one it never will (a whole
+    checkpoint's size, for every kill). Storage the driver cannot see as directories is left."""
+    kept = [Path(checkpoint.path) for checkpoint, _ in (result.best_checkpoints or [])]
+    if result.checkpoint is not None:
+        kept.append(Path(result.checkpoint.path))
+    if not kept or not all(path.is_dir() for path in kept):
+        return
+    kept_resolved = {path.resolve() for path in kept}
+    for stage_dir in {path.parent for path in kept}:
+        for directory in stage_dir.glob("checkpoint_*"):
+            if directory.is_dir() and directory.resolve() not in kept_resolved:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _copy_bytes(target: Path, data: bytes) -> None:
@@ -249,7 +268,7 @@ def run_pretraining(
         files = _fit(build_trainer(config, "pretrain", run_dir, inputs, callbacks=callbacks,
                                    extra_loop_config=extra_loop_config, resume=resume))
         state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
-        pd.DataFrame(state["history"]).to_csv(run_dir / "pretrain_metrics.csv", index=False)
+        atomic_write_text(run_dir / "pretrain_metrics.csv", pd.DataFrame(state["history"]).to_csv(index=False))
         _copy_bytes(target, files[BACKBONE_FILE])
         if cached is not None:
             _copy_bytes(cached, files[BACKBONE_FILE])
@@ -332,9 +351,16 @@ def _run_stages(config, run_dir, resuming, stages, stage_callbacks, extra_loop_c
                                callbacks=stage_callbacks("train"), extra_loop_config=extra_loop_config,
                                resume=resuming))
     state = torch.load(_tmp_file(files[CHECKPOINT_FILE]), weights_only=True)
+    return _export_run(run_dir, state, files[BEST_MODEL_FILE], backbone)
+
+
+def _export_run(run_dir: Path, state: dict, best_model: bytes, backbone: str | None, *,
+                stopped_early: bool = False) -> TrainingResult:
+    """``metrics.csv``, ``best_model.pt`` and ``summary.json`` (written last: it marks the run
+    finished) from a training checkpoint's state and best-model file."""
     history = pd.DataFrame(state["history"])
-    history.to_csv(run_dir / "metrics.csv", index=False)
-    _copy_bytes(run_dir / BEST_MODEL_FILE, files[BEST_MODEL_FILE])
+    atomic_write_text(run_dir / "metrics.csv", history.to_csv(index=False))
+    _copy_bytes(run_dir / BEST_MODEL_FILE, best_model)
     best_row = history.loc[history["epoch"] == state["best_epoch"]].iloc[0].to_dict() if len(history) else {}
     best_metrics = {k: float(v) for k, v in best_row.items()}
     # A metric without a value (Recall_M* on a split without rare cases) is null: NaN is not JSON.
@@ -342,8 +368,48 @@ def _run_stages(config, run_dir, resuming, stages, stage_callbacks, extra_loop_c
                "epochs": int(state["epoch"]), "restarts_from_checkpoint": int(state["restarts"]),
                "best_metrics": {k: v if math.isfinite(v) else None for k, v in best_metrics.items()},
                "pretrained_backbone": backbone}
+    if stopped_early:
+        summary["stopped_early"] = True
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     return TrainingResult(run_dir, int(state["best_epoch"]), best_metrics)
+
+
+def export_stopped_run(run_dir: str | Path) -> TrainingResult | None:
+    """Export a run whose training was stopped before its last epoch (a sweep trial ASHA
+    stopped) from its newest whole checkpoint, so ``raytumor evaluate`` reads it as any other
+    run; ``summary.json`` says ``stopped_early``. None when the run has finished already or
+    has no loadable checkpoint."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        return None
+    try:
+        latest = _latest_checkpoint_state(run_dir / "train")
+    except RaytumorError:
+        return None
+    if latest is None or not latest[1]["history"]:
+        return None
+    directory, state = latest
+    try:
+        best_model = (directory / BEST_MODEL_FILE).read_bytes()
+        torch.load(_tmp_file(best_model), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - missing or cut short by the stop
+        logging.getLogger(__name__).warning("%s: not exported (%s)", directory / BEST_MODEL_FILE, short_reason(exc))
+        return None
+    return _export_run(run_dir, state, best_model, _backbone_of(run_dir, state["config"]), stopped_early=True)
+
+
+def _backbone_of(run_dir: Path, config: dict) -> str | None:
+    """The backbone a run's training started from, as ``_run_stages`` records it."""
+    own = run_dir / PRETRAINED_BACKBONE_FILE
+    if own.is_file():
+        return str(own.resolve())
+    pretrained = config.get("train", {}).get("pretrained")
+    if not pretrained:
+        return None
+    try:
+        return resolve_pretrained(pretrained)
+    except RaytumorError:  # moved or deleted since: record what the config named
+        return pretrained
 
 
 def best_model_path(run_dir: str | Path) -> Path:
@@ -387,4 +453,5 @@ def load_best_model(run_dir: str | Path):
     return model, config
 
 
-__all__ = ["build_trainer", "run_training", "run_pretraining", "best_model_path", "load_best_model", "TrainingResult"]
+__all__ = ["build_trainer", "run_training", "run_pretraining", "export_stopped_run", "best_model_path", "load_best_model",
+           "TrainingResult"]

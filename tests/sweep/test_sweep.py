@@ -95,6 +95,13 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(resumed_sweep):
     assert history["val_recall_macro"].max() == pytest.approx(best_row["objective"])
     assert not [c for c in history.columns if c.startswith("test")]
 
+    # Every trial is a run directory `raytumor evaluate` reads, those ASHA stopped at epoch 1 too.
+    for row in board.itertuples():
+        run_dir = experiment / "trials" / row.trial_id
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (row.status == "stopped") == summary.get("stopped_early", False) == (row.epochs_run < 2), row
+        assert (run_dir / "best_model.pt").is_file() and len(pd.read_csv(run_dir / "metrics.csv")) == row.epochs_run
+
 
 
 def test_trials_ran_two_at_a_time(resumed_sweep):

@@ -105,7 +105,7 @@ def margin_experiment(tmp_path_factory):
         loss = "batch_hard" if i % 2 == 0 else "batch_all"
         best = 0.4 + 0.15 * margin + (0.1 if loss == "batch_hard" else 0.0)
         trials.append({"id": f"m{i:02d}", "params": {"train.loss": loss, "train.margin": margin},
-                       "history": history(round(best, 4))})
+                       "history": history(round(best, 4)), "status": "stopped" if i == 7 else "done"})
     # An errored trial: no metrics at all, NaN objective.
     trials.append({"id": "m99", "params": {"train.loss": "batch_all", "train.margin": 0.7}, "status": "error"})
     return make_experiment(tmp_path, MARGIN_SPACE, trials)
@@ -146,6 +146,7 @@ def test_margin_report_is_self_contained_with_best_trial_and_one_plot_per_parame
     # Fig. A.2: batch-hard vs batch-all against the margin.
     assert "Series (train.loss): BATriplet (4 trials), BHTriplet (4 trials)" in md
     assert "1 trial(s) not shown" in md  # the errored one
+    assert "9 trial(s), 8 with an objective, 1 stopped early by the scheduler, 1 errored" in md
     # The leaderboard lists every trial, the errored one last.
     assert md.index("| m06 |") < md.index("| m99 |")
     assert "| error |" in md
@@ -373,3 +374,13 @@ def test_grid_labels_name_other_varying_configuration_keys():
                            "param:train.margin": [0.5, 1.0]})
     assert configuration_labels(trials, space) == ["None-None-BHTriplet (train.margin=0.5)",
                                                    "None-None-BHTriplet (train.margin=1)"]
+
+
+def test_a_key_given_twice_in_the_experiments_space_yaml_is_a_one_line_error(tmp_path):
+    exp = make_experiment(tmp_path, {**MARGIN_SPACE, "name": "small"},
+                          [{"id": "s0", "params": {"train.loss": "batch_all", "train.margin": 0.2}, "history": history(0.3)}])
+    space_file = exp / "space.yaml"
+    space_file.write_text(space_file.read_text() + "search: random\n")  # `search: tpe` is in it already
+    with pytest.raises(RaytumorError) as error:
+        read_space(exp)
+    assert str(error.value) == f"{space_file}: duplicate key 'search' (line {len(space_file.read_text().splitlines())})"

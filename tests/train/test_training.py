@@ -168,7 +168,13 @@ def test_interrupted_run_resumes_with_resume(ray_local, tiny_dataset, tmp_path):
     with pytest.raises(RaytumorError, match="training failed"):
         run_training(config, extra_loop_config={"crash_once": {"rank": 0, "epoch": 2, "marker": str(marker)}})
     assert not (tmp_path / "stop" / "summary.json").exists()
+    # A checkpoint the killed driver uploaded but Ray Train never registered: no one else deletes it.
+    orphan = tmp_path / "stop" / "train" / "checkpoint_2000-01-01_00-00-00.000000"
+    orphan.mkdir()
+    (orphan / "checkpoint.pt").write_bytes(b"cut short")
     result = run_training(config, resume=True)
+    kept = sorted(p.name for p in (tmp_path / "stop" / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2 and orphan.name not in kept, kept  # Ray Train's num_to_keep=2, and no orphan
     summary = json.loads((result.run_dir / "summary.json").read_text(), parse_constant=_not_json)
     assert summary["restarts_from_checkpoint"] == 1
     # Three classes of 10 cases: none is rare, so Recall_M* has no value; null, not NaN.
