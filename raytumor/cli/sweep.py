@@ -37,8 +37,10 @@ def sweep(
 
     Each trial pre-trains (when asked) and trains through the same trainer builder as
     `raytumor train`; the test split is never read. Writes the leaderboard and best.yaml into
-    the experiment directory; `raytumor train --best` then trains the winner. TensorBoard logs
-    of every trial: tensorboard --logdir <experiment>/tune.
+    the experiment directory; `raytumor train --best` then trains the winner. Every trial's
+    run directory, <experiment>/trials/<id>, is one `raytumor evaluate` reads, those ASHA
+    stopped early too (from their last checkpoint). TensorBoard logs of every trial:
+    tensorboard --logdir <experiment>/tune.
     """
     from rich.console import Console
     from rich.table import Table
