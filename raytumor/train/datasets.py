@@ -107,10 +107,12 @@ def read_stage_datasets(config: RunConfig, *, augmented: bool, pretraining: bool
     if pretraining:
         splits = ("train", "unlabelled") if config.pretrain.use_unlabelled else ("train",)
         out["pretrain"] = _materialize(_split(rows, *splits).select_columns(COLUMNS))
-    out = {name: _read_by_workers(ds) for name, ds in out.items()}
-    out["shards"] = {name: class_stratified_shards(out[name], config.resources.num_workers)
-                     for name in shard if name in out}
-    return out
+    # Cut before the progress bars go off: the cutting runs Ray Data jobs here, in the driver,
+    # where a dataset without bars logs Ray Data's "Progress bars disabled" warning.
+    # Without rare rows to add, train is what an augmented run trains on.
+    to_shard = {name if name in out else "train" for name in shard if name in out or name == "train_augmented"}
+    shards = {name: class_stratified_shards(out[name], config.resources.num_workers) for name in sorted(to_shard)}
+    return {**{name: _read_by_workers(ds) for name, ds in out.items()}, "shards": shards}
 
 
 def _class_facts(config: RunConfig) -> tuple[int, tuple[int, ...]]:
@@ -123,12 +125,11 @@ def training_inputs(config: RunConfig, shared: dict | None = None) -> StageInput
 
     ``shared`` (a sweep's) carries its shards; datasets read here get theirs cut here, in the driver.
     """
-    datasets = shared or read_stage_datasets(config, augmented=config.data.augment_rare, pretraining=False, shard=())
-    name = "train_augmented" if config.data.augment_rare and "train_augmented" in datasets else "train"
-    if shared:
-        shards = shared.get("shards", {}).get(name)
-    else:
-        shards = class_stratified_shards(datasets[name], config.resources.num_workers)
+    wanted = "train_augmented" if config.data.augment_rare else "train"
+    datasets = shared or read_stage_datasets(config, augmented=config.data.augment_rare, pretraining=False,
+                                             shard=(wanted,))
+    name = wanted if wanted in datasets else "train"
+    shards = datasets.get("shards", {}).get(name)
     return _stage_inputs(config, datasets[name], shards, {"reference": datasets["train"], "val": datasets["val"]})
 
 
@@ -136,8 +137,8 @@ def pretraining_inputs(config: RunConfig, shared: dict | None = None) -> StageIn
     """Labelled train cases plus (optionally) the unlabelled pool; labels are not used."""
     if shared and "pretrain" in shared:
         return _stage_inputs(config, shared["pretrain"], shared.get("shards", {}).get("pretrain"), {})
-    pretrain = read_stage_datasets(config, augmented=False, pretraining=True, shard=())["pretrain"]
-    return _stage_inputs(config, pretrain, class_stratified_shards(pretrain, config.resources.num_workers), {})
+    datasets = read_stage_datasets(config, augmented=False, pretraining=True, shard=("pretrain",))
+    return _stage_inputs(config, datasets["pretrain"], datasets["shards"]["pretrain"], {})
 
 
 def _stage_inputs(config: RunConfig, train, shards: list | None, others: dict) -> StageInputs:

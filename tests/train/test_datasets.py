@@ -101,6 +101,10 @@ def test_sharded_train_config_gives_each_worker_its_shard(ray_local):
 
 
 def test_read_stage_datasets_cuts_quiet_shards_per_worker(ray_local, tmp_path):
+    import logging
+
+    from ray.util.debug import reset_log_once
+
     from raytumor.config import load_config
     from raytumor.train.datasets import read_stage_datasets, training_inputs
     from tests.conftest import make_dataset
@@ -110,11 +114,26 @@ def test_read_stage_datasets_cuts_quiet_shards_per_worker(ray_local, tmp_path):
                                     "pretrain.use_unlabelled=true"])
     context = ray_local.data.DataContext.get_current()
     context.enable_progress_bars = True  # as the CLI's driver has them
+    ray_data_warnings = []
+
+    class Warnings(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                ray_data_warnings.append(record.getMessage())
+
+    handler = Warnings()
+    logging.getLogger("ray.data").addHandler(handler)
+    reset_log_once("ray_data_progress_manager_disabled")  # Ray Data gives it once per process
     try:
         read = read_stage_datasets(config, augmented=False, pretraining=True)
         assert context.enable_progress_bars is True  # the driver's own setting untouched
+        alone = training_inputs(config)  # `raytumor train`: its own read, its shards cut in the driver
     finally:
         context.enable_progress_bars = False
+        logging.getLogger("ray.data").removeHandler(handler)
+    # The driver ran every job with its bars: no "Progress bars disabled" for the user to puzzle over.
+    assert not [w for w in ray_data_warnings if "Progress bars" in w], ray_data_warnings
+    assert len(alone.train_shards) == 2 and not any(shard.context.enable_progress_bars for shard in alone.train_shards)
     assert sorted(read["shards"]) == ["pretrain", "train"]
     for name, shards in read["shards"].items():
         assert len(shards) == 2
