@@ -267,6 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "best_model": best_model,
                 "restarts": restarts,
                 "config": loop_config["config"],
+                "pretrained_backbone": loop_config["pretrained_backbone"],
             }
             files[BEST_MODEL_FILE] = {"model": best_model, "config": loop_config["config"], "epoch": best_epoch,
                                       "num_classes": loop_config["num_classes"], SELECTION_METRIC: best}

@@ -395,21 +395,7 @@ def export_stopped_run(run_dir: str | Path) -> TrainingResult | None:
     except Exception as exc:  # noqa: BLE001 - missing or cut short by the stop
         logging.getLogger(__name__).warning("%s: not exported (%s)", directory / BEST_MODEL_FILE, short_reason(exc))
         return None
-    return _export_run(run_dir, state, best_model, _backbone_of(run_dir, state["config"]), stopped_early=True)
-
-
-def _backbone_of(run_dir: Path, config: dict) -> str | None:
-    """The backbone a run's training started from, as ``_run_stages`` records it."""
-    own = run_dir / PRETRAINED_BACKBONE_FILE
-    if own.is_file():
-        return str(own.resolve())
-    pretrained = config.get("train", {}).get("pretrained")
-    if not pretrained:
-        return None
-    try:
-        return resolve_pretrained(pretrained)
-    except RaytumorError:  # moved or deleted since: record what the config named
-        return pretrained
+    return _export_run(run_dir, state, best_model, state.get("pretrained_backbone"), stopped_early=True)
 
 
 def best_model_path(run_dir: str | Path) -> Path:

@@ -76,7 +76,8 @@ def write_checkpoint(run_dir, stamp: str, history: list[dict], best_model: dict)
     checkpoint.mkdir(parents=True)
     best_epoch = max(history, key=lambda row: row["val_recall_macro"])["epoch"]
     torch.save({"history": history, "epoch": len(history), "best_epoch": best_epoch, "restarts": 0,
-                "config": best_model["config"]}, checkpoint / CHECKPOINT_FILE)
+                "config": best_model["config"], "pretrained_backbone": "/runs/pre/pretrain_backbone.pt"},
+               checkpoint / CHECKPOINT_FILE)
     torch.save({**best_model, "epoch": best_epoch}, checkpoint / trainer.BEST_MODEL_FILE)
 
 
@@ -110,6 +111,7 @@ def test_a_trial_stopped_early_is_exported_from_its_newest_whole_checkpoint(tmp_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_early"] is True and summary["epochs"] == 2 and summary["best_epoch"] == 1
     assert summary["best_metrics"]["val_recall_macro_rare"] is None
+    assert summary["pretrained_backbone"] == "/runs/pre/pretrain_backbone.pt"  # as the checkpoint recorded it
     model, config = trainer.load_best_model(run_dir)  # what `raytumor evaluate` reads
     assert config.name == "t1"
     assert all(torch.equal(value, tiny_model["model"][key]) for key, value in model.state_dict().items())
