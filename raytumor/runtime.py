@@ -9,6 +9,7 @@ import os
 import platform
 import signal
 import socket
+import time
 from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
@@ -148,20 +149,43 @@ def stop_embedded_ray() -> list[int]:
     return kill_leftover_workers(address) if address else []
 
 
-def kill_leftover_workers(address: str) -> list[int]:
+def kill_leftover_workers(address: str, grace_s: float = 3.0) -> list[int]:
     """SIGKILL the Ray worker processes (``ray::...``) of the Ray at ``address`` that are still
-    alive once it is shut down; their pids. Linux only (reads ``/proc``); elsewhere none.
+    alive ``grace_s`` seconds after it was shut down; their pids. Linux only (reads ``/proc``);
+    elsewhere none.
 
-    ``ray.shutdown()`` of an embedded Ray returns after all its processes exited, except that
-    Ray 2.60's core worker now and then deadlocks in its own destructor as a worker process
-    exits (seen once in a full test run: a ``ray::TrainController`` whose fit had ended, blocked
-    forever at 400 MB). Its Ray gone, nothing else would ever stop it. A worker is known by the
-    ``RAY_ADDRESS`` that ``start_embedded_ray`` gives all of that Ray's processes.
+    ``ray.shutdown()`` of an embedded Ray returns before every worker has exited: in about a
+    quarter of small training runs the ``ray::TrainController`` was still running and exited
+    by itself 0.2 s later, so those are waited for. But Ray 2.60's core worker now and then
+    deadlocks in its own destructor as a worker process exits (seen once in a full test run: a
+    ``ray::TrainController`` whose fit had ended, blocked forever at 400 MB). Its Ray gone,
+    nothing else would ever stop it. A worker is known by the ``RAY_ADDRESS`` that
+    ``start_embedded_ray`` gives all of that Ray's processes.
     """
-    if not os.path.isdir("/proc"):
-        return []
-    marker = f"RAY_ADDRESS={address}".encode()
+    leftovers = _ray_workers_of(address)
+    deadline = time.monotonic() + grace_s
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leftovers = _ray_workers_of(address)
     killed = []
+    for pid, name in leftovers.items():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone meanwhile
+            continue
+        killed.append(pid)
+        logging.getLogger(__name__).warning(
+            "killed %s (pid %s): a process of the embedded Ray at %s still alive %.0f s after its shutdown",
+            name, pid, address, grace_s)
+    return killed
+
+
+def _ray_workers_of(address: str) -> dict[int, str]:
+    """pid -> process name of the live ``ray::`` processes whose environment holds ``RAY_ADDRESS=address``."""
+    if not os.path.isdir("/proc"):
+        return {}
+    marker = f"RAY_ADDRESS={address}".encode()
+    found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -173,14 +197,10 @@ def kill_leftover_workers(address: str) -> list[int]:
             with open(f"/proc/{entry.name}/environ", "rb") as environ:
                 if marker not in environ.read().split(b"\0"):
                     continue
-            os.kill(int(entry.name), signal.SIGKILL)
         except OSError:  # gone meanwhile, or another user's
             continue
-        killed.append(int(entry.name))
-        logging.getLogger(__name__).warning(
-            "killed %s (pid %s): a process of the embedded Ray at %s still alive after its shutdown",
-            name.decode(errors="replace"), entry.name, address)
-    return killed
+        found[int(entry.name)] = name.decode(errors="replace")
+    return found
 
 
 TRAIN_ENV_DEFAULTS = {
