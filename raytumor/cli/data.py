@@ -89,6 +89,38 @@ def import_folder(
     typer.echo(summary.summary())
 
 
+@app.command("import-brats")
+def import_brats(
+    src: Path = typer.Argument(..., help="BraTS-style folder: each case's files named <case>_<modality>.nii[.gz], "
+                                         "searched recursively."),
+    out: Path = typer.Option(..., "--out", help="New dataset directory."),
+    modality: str = typer.Option("t2", help="The volume each case contributes: t2 (the paper's T2-weighted scans), "
+                                            "t1, t1ce or flair; BraTS 2023's t2w, t1n, t1c, t2f name the same. "
+                                            "The case's seg file becomes its ground-truth mask."),
+    label_from: str = typer.Option(
+        "auto", "--label-from",
+        help="Where the class comes from: folder (class folders such as HGG/ and LGG/), challenge (BraTS 2023 "
+             "names: BraTS-GLI-, -MEN-, -MET-, -PED-, -SSA-), csv (--labels-csv), or auto: a name_mapping.csv in "
+             "SRC, else BraTS 2023 names, else class folders."),
+    labels_csv: Optional[Path] = typer.Option(
+        None, "--labels-csv", help="CSV holding the case names in one column and the classes in --label-column "
+                                   "(BraTS 2020's name_mapping.csv is found in SRC by itself)."),
+    label_column: str = typer.Option("Grade", help="The labels CSV's class column."),
+    split: str = SplitOpt,
+    seed: int = SeedOpt,
+    rare_fraction: float = RareFractionOpt,
+    rare_classes: Optional[str] = RareClassesOpt,
+) -> None:
+    """Import a BraTS-style folder: one volume per case, its seg file as the mask, a class from folders, names or a CSV."""
+    from raytumor.data.importers import import_brats as run
+
+    with progress_bar("checking") as update:
+        summary = run(src, out, modality=modality, label_from=label_from, labels_csv=labels_csv,
+                      label_column=label_column, seed=seed, fractions=_fractions(split), rare_fraction=rare_fraction,
+                      rare_classes=_rare(rare_classes), progress=update)
+    typer.echo(summary.summary())
+
+
 @app.command("import-figshare")
 def import_figshare(
     src: Path = typer.Argument(..., help="Folder with the Figshare brain-tumour .mat files (Cheng 2017), searched recursively."),
@@ -111,12 +143,15 @@ def import_figshare(
 def import_unlabelled(
     src: Path = typer.Argument(..., help="Folder of NIfTI volumes without labels, searched recursively."),
     into: Path = typer.Option(..., "--into", help="Existing dataset directory to add them to."),
+    modality: Optional[str] = typer.Option(
+        None, help="SRC is a BraTS-style folder: add each case's volume of this modality (t2, t1, t1ce, flair; "
+                   "or t2w, t1n, t1c, t2f) and nothing else. Default: every NIfTI file is a case."),
 ) -> None:
     """Add an unlabelled pool (images only) to a dataset, for contrastive pre-training."""
     from raytumor.data.importers import import_unlabelled as run
 
     with progress_bar("checking") as update:
-        summary = run(src, into, progress=update)
+        summary = run(src, into, modality=modality, progress=update)
     typer.echo(summary.summary())
 
 

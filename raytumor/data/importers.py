@@ -1,4 +1,5 @@
-"""Importers: a folder + labels CSV, the public Figshare brain-tumour set, an unlabelled pool.
+"""Importers: a folder + labels CSV, BraTS-style folders, the public Figshare brain-tumour set,
+an unlabelled pool.
 
 Each importer checks every case with the same checks as ``validate`` (every voxel read):
 good cases go into the manifest, bad ones into ``import-quarantine.csv`` with reasons.
@@ -23,6 +24,7 @@ from raytumor.data.manifest import (
     MANIFEST_FILE,
     build_class_table,
     labels_from_names,
+    read_labels_csv,
     read_manifest,
     resolve_path,
     write_classes,
@@ -48,6 +50,7 @@ class ImportSummary:
     n_imported: int
     problems: list[CaseProblem] = field(default_factory=list)
     n_already_in_manifest: int = 0
+    n_unnamed_files: int = 0  # NIfTI files a BraTS-style import could not tie to a case
 
     @property
     def n_quarantined(self) -> int:
@@ -59,6 +62,8 @@ class ImportSummary:
             text += f"; {self.n_quarantined} quarantined (see {self.dataset_dir / IMPORT_QUARANTINE_FILE})"
         if self.n_already_in_manifest:
             text += f"; skipped {self.n_already_in_manifest} file(s) the manifest already holds"
+        if self.n_unnamed_files:
+            text += f"; ignored {self.n_unnamed_files} NIfTI file(s) not named <case>_<modality>"
         return text
 
 
@@ -85,8 +90,8 @@ def _file_case_id(prefix: str, stem: str) -> str:
     return prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
 
 
-def _refuse_clashing_case_ids(src: Path, case_ids: list[str], files: list[Path]) -> None:
-    """Two files whose names give one case id would share a case (or overwrite its NIfTI)."""
+def _refuse_clashing_case_ids(src: Path, case_ids: list[str], files: list[Path], what: str = "files") -> None:
+    """Two files (or case folders) whose names give one case id would share a case (or overwrite its NIfTI)."""
     files_by_id: dict[str, list[Path]] = defaultdict(list)
     for case_id, path in zip(case_ids, files):
         files_by_id[case_id].append(path)
@@ -95,7 +100,7 @@ def _refuse_clashing_case_ids(src: Path, case_ids: list[str], files: list[Path])
         case_id, paths = next(iter(clashes.items()))
         names = ", ".join(repr(str(p.relative_to(src))) for p in paths)
         more = f" ({len(clashes) - 1} more case_id(s) clash too)" if len(clashes) > 1 else ""
-        raise DatasetError(f"{src}: files {names} give the same case_id {case_id!r}; rename all but one{more}")
+        raise DatasetError(f"{src}: {what} {names} give the same case_id {case_id!r}; rename all but one{more}")
 
 
 def _check_rows(rows: list[dict], *, allow_2d: bool, threads: int, progress: Progress | None) -> tuple[list[dict], list[CaseProblem]]:
@@ -213,13 +218,7 @@ def import_folder(
     src, labels_csv, out = Path(src), Path(labels_csv), Path(out)
     if not src.is_dir():
         raise DatasetError(f"{src}: source folder does not exist")
-    try:
-        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DatasetError(f"{labels_csv}: labels CSV does not exist") from None
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"{labels_csv}: unreadable CSV ({str(exc).strip()})") from None
-    table.columns = [c.strip() for c in table.columns]
+    table = read_labels_csv(labels_csv)
     missing = [c for c in ("case_id", "image", "label") if c not in table.columns]
     if missing:
         raise DatasetError(f"{labels_csv}: missing column(s) {', '.join(missing)} (need case_id,image,label[,mask,patient_id])")
@@ -256,6 +255,81 @@ def import_folder(
         good, problems = _check_rows(rows, allow_2d=False, threads=threads, progress=progress)
         return _finish(out, good, problems, seed=seed, fractions=fractions, rare_fraction=rare_fraction,
                        rare_classes=rare_classes, names=names)
+
+
+def import_brats(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    modality: str = "t2",
+    label_from: str = "auto",
+    labels_csv: str | os.PathLike | None = None,
+    label_column: str = "Grade",
+    seed: int = 0,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    rare_fraction: float = DEFAULT_RARE_FRACTION,
+    rare_classes: Iterable[int] | None = None,
+    threads: int = 4,
+    progress: Progress | None = None,
+) -> ImportSummary:
+    """Import a BraTS-style folder (see :mod:`raytumor.data.brats`): one ``modality`` volume
+    per case as the image, its ``seg`` file (when there is one) as the ground-truth mask.
+
+    Labels come from ``label_from``: ``folder`` (class folders such as ``HGG/``, ``LGG/``),
+    ``challenge`` (BraTS 2023's ``BraTS-GLI-...``, ``BraTS-MEN-...``), ``csv`` (``labels_csv``,
+    by default the ``name_mapping.csv`` in ``src``; its ``label_column``), or ``auto``. Label
+    names map to ints in sorted order. A case without the modality, or without a label, is
+    quarantined. Files stay where they are.
+    """
+    from raytumor.data import brats
+
+    src, out = Path(src), Path(out)
+    modality = brats.modality_of(modality)
+    if not src.is_dir():
+        raise DatasetError(f"{src}: source folder does not exist")
+    cases, unnamed = brats.find_cases(src)
+    case_ids = [_file_case_id("", case.name) for case in cases]
+    _refuse_clashing_case_ids(src, case_ids, [case.folder for case in cases], what="case folders")
+    source, csv_path = brats.choose_label_source(src, cases, label_from, Path(labels_csv) if labels_csv else None)
+    labels = brats.case_labels(src, cases, source, csv_path, label_column)
+    if not labels:
+        raise DatasetError(f"{src}: no case has a label ({brats.missing_label_reason(source, csv_path, label_column)})")
+    mapping = labels_from_names(list(labels.values()))
+
+    with _new_dataset_dir(out):
+        rows, problems = [], []
+        for index, (case, case_id) in enumerate(zip(cases, case_ids)):
+            try:
+                image = brats.one_file(case, modality)
+                masks = case.files.get(brats.MASK, [])
+                if len(masks) > 1:
+                    raise ValueError(f"{len(masks)} seg files ({', '.join(p.name for p in masks)}); keep one")
+            except ValueError as exc:
+                problems.append(CaseProblem(case_id, str(case.folder), str(exc)))
+                continue
+            if index not in labels:
+                problems.append(CaseProblem(case_id, str(image), brats.missing_label_reason(source, csv_path, label_column)))
+                continue
+            mask = masks[0] if masks else None
+            rows.append(
+                {
+                    "case_id": case_id,
+                    "image": _stored_path(image, out),
+                    "mask": _stored_path(mask, out) if mask else None,
+                    "label": mapping[labels[index]],
+                    "label_name": labels[index],
+                    "patient_id": brats.challenge_patient(case.name),
+                    "source": "brats",
+                    "mask_kind": "ground_truth" if mask else None,
+                    "_image_abs": str(image),
+                    "_mask_abs": str(mask) if mask else None,
+                }
+            )
+        good, bad = _check_rows(rows, allow_2d=False, threads=threads, progress=progress)
+        summary = _finish(out, good, problems + bad, seed=seed, fractions=fractions, rare_fraction=rare_fraction,
+                          rare_classes=rare_classes, names={i: n for n, i in mapping.items()})
+    summary.n_unnamed_files = unnamed
+    return summary
 
 
 def _matlab_string(dataset) -> str:
@@ -392,11 +466,14 @@ def import_unlabelled(
     src: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     *,
+    modality: str | None = None,
     threads: int = 4,
     progress: Progress | None = None,
 ) -> ImportSummary:
     """Add every NIfTI volume under ``src`` to a dataset as unlabelled cases (no label, no mask).
 
+    With ``modality``, ``src`` is a BraTS-style folder: each case adds its one volume of that
+    modality (a case without one is quarantined), named by the case, and other files are left.
     Files the manifest already holds (as any case's image or mask) are skipped: a labelled
     test image must not reach pre-training, and importing a grown folder again adds only the
     new files (a folder with nothing new is an error). Case ids come from the file names;
@@ -404,17 +481,35 @@ def import_unlabelled(
     before anything is written.
     """
     src, dataset_dir = Path(src), Path(dataset_dir)
+    if modality is not None:
+        from raytumor.data import brats
+
+        modality = brats.modality_of(modality)
     if not src.is_dir():
         raise DatasetError(f"{src}: source folder does not exist")
     manifest = read_manifest(dataset_dir)
-    files = sorted(p for p in src.rglob("*") if p.name.lower().endswith((".nii", ".nii.gz")))
-    if not files:
-        raise DatasetError(f"{src}: no .nii or .nii.gz files found")
+    unnamed, missing = 0, []
+    if modality is None:
+        files = sorted(p for p in src.rglob("*") if p.name.lower().endswith((".nii", ".nii.gz")))
+        if not files:
+            raise DatasetError(f"{src}: no .nii or .nii.gz files found")
+        stem_of = {path: _nifti_stem(str(path.relative_to(src))) for path in files}
+    else:
+        cases, unnamed = brats.find_cases(src)
+        stem_of = {}
+        for case in cases:
+            try:
+                stem_of[brats.one_file(case, modality)] = case.name
+            except ValueError as exc:
+                missing.append(CaseProblem(_file_case_id("unl-", case.name), str(case.folder), str(exc)))
+        files = sorted(stem_of)
+        if not files:
+            raise DatasetError(f"{src}: no case has a {modality} file")
     held = _files_held_by(manifest, dataset_dir)
     new_files = [path for path in files if os.path.realpath(path) not in held]
     if not new_files:
         raise DatasetError(f"{src}: all {len(files)} file(s) are already in the manifest of {dataset_dir} (imported twice?)")
-    case_ids = [_file_case_id("unl-", _nifti_stem(str(path.relative_to(src)))) for path in new_files]
+    case_ids = [_file_case_id("unl-", stem_of[path]) for path in new_files]
     _refuse_clashing_case_ids(src, case_ids, new_files)
     image_by_id = dict(zip(manifest["case_id"], manifest["image"]))
     for case_id, path in zip(case_ids, new_files):
@@ -444,11 +539,13 @@ def import_unlabelled(
     kept = []
     if earlier.is_file() and earlier.stat().st_size:
         # A file checked again (a re-import of a grown folder) keeps only its new outcome.
-        checked_now = set(case_ids)
-        kept = [CaseProblem(str(r.case_id), str(r.file), str(r.reason)) for r in pd.read_csv(earlier).itertuples(index=False)
-                if str(r.case_id) not in checked_now]
-    write_quarantine(earlier, kept + problems)
-    return ImportSummary(dataset_dir, len(good), problems, n_already_in_manifest=len(files) - len(new_files))
+        checked_now = set(case_ids) | {p.case_id for p in missing}
+        earlier_problems = pd.read_csv(earlier, dtype=str, keep_default_na=False)  # a case id "NA" stays "NA"
+        kept = [CaseProblem(r.case_id, r.file, r.reason) for r in earlier_problems.itertuples(index=False)
+                if r.case_id not in checked_now]
+    write_quarantine(earlier, kept + missing + problems)
+    return ImportSummary(dataset_dir, len(good), missing + problems, n_already_in_manifest=len(files) - len(new_files),
+                         n_unnamed_files=unnamed)
 
 
 def _nifti_stem(name: str) -> str:

@@ -263,3 +263,15 @@ def rare_labels(classes: pd.DataFrame) -> list[int]:
 def labels_from_names(names: Sequence[str]) -> dict[str, int]:
     """Map class names to ints, sorted by name, as the importers do."""
     return {name: index for index, name in enumerate(sorted(set(names)))}
+
+
+def read_labels_csv(path: Path) -> pd.DataFrame:
+    """A labels CSV as stripped-header string cells ("NA" stays "NA"); one-line errors."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: labels CSV does not exist") from None
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f"{path}: unreadable CSV ({str(exc).strip()})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    return table

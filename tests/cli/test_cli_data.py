@@ -19,7 +19,8 @@ SHAPE = (12, 12, 4)
 WIDE = {"COLUMNS": "250"}  # rich tables must not wrap case ids and reasons
 runner = CliRunner()
 
-DATA_COMMANDS = ["demo", "import-folder", "import-figshare", "import-unlabelled", "validate", "split", "prepare"]
+DATA_COMMANDS = ["demo", "import-folder", "import-brats", "import-figshare", "import-unlabelled", "validate", "split",
+                 "prepare"]
 
 
 def _no_ray(*args, **kwargs):
@@ -113,6 +114,29 @@ def test_import_unlabelled_twice_is_a_one_line_error(dataset, tmp_path, monkeypa
     assert result.exit_code == 0 and "imported 1 case(s)" in result.output
     code, _, err = _run_main(monkeypatch, capsys, *args)
     assert code == 2 and err.count("\n") == 1 and "already in the manifest" in err
+
+
+def test_import_brats_via_cli_then_its_pool(tmp_path, monkeypatch, capsys):
+    from tests.data.test_brats import brats_2019, write_case
+
+    src = brats_2019(tmp_path / "src", per_grade=3)
+    args = ["data", "import-brats", str(src), "--out", str(tmp_path / "ds"), "--modality", "flair", "--label-from", "folder"]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert f"imported 6 case(s) into {tmp_path / 'ds'}" in result.output
+    manifest = read_manifest(tmp_path / "ds")
+    assert manifest["image"].str.endswith("_flair.nii.gz").all() and set(manifest["label_name"]) == {"HGG", "LGG"}
+
+    write_case(tmp_path / "pool" / "p1", "p1", seed=7)
+    result = runner.invoke(app, ["data", "import-unlabelled", str(tmp_path / "pool"), "--into", str(tmp_path / "ds"),
+                                 "--modality", "t2f"], env=WIDE)
+    assert result.exit_code == 0 and "imported 1 case(s)" in result.output
+    assert read_manifest(tmp_path / "ds")["image"].iloc[-1].endswith("p1_flair.nii.gz")
+
+    code, _, err = _run_main(monkeypatch, capsys, "data", "import-brats", str(src), "--out", str(tmp_path / "ds2"),
+                             "--modality", "dwi")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: modality 'dwi': not one of t1, t1ce, t2, flair")
+    assert not (tmp_path / "ds2").exists()
 
 
 @pytest.mark.ray
