@@ -9,7 +9,10 @@ pre-trained tumor segmentation model", so that pre-training sees the tumour site
 * :func:`predict_pseudo_masks` runs that model, or any user-supplied TorchScript model mapping
   a ``(B, 1, X, Y, Z)`` normalised RAS image to ``(B, 1, X, Y, Z)`` logits, on every unlabelled
   case without a mask, writes ``DATASET/pseudo_masks/<case_id>.nii.gz`` on the image's own
-  grid and orientation, and records them in the manifest with ``mask_kind = "pseudo"``.
+  grid and orientation, and records them in the manifest with ``mask_kind = "pseudo"``, and
+  in ``pseudo_masks/made_by.json`` the model (its SHA-256), threshold and shape that made
+  each: a mask another model made is predicted again, so a retrained segmenter never leaves
+  its predecessor's masks behind.
 
 The model sees volumes exactly as pre-training does (reoriented to RAS, resized, normalised by
 :func:`raytumor.data.preprocess.preprocess_volume`), only at the segmenter's shape.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -45,6 +49,7 @@ SEGMENTER_DIR = "segmenter"
 MODEL_FILE = "model.ts"
 META_FILE = "meta.json"
 PSEUDO_MASKS_DIR = "pseudo_masks"
+MADE_BY_FILE = "made_by.json"
 DEFAULT_SHAPE = (64, 64, 16)
 DEFAULT_THRESHOLD = 0.5
 
@@ -59,10 +64,11 @@ class SegmenterError(RaytumorError):
 @dataclass(frozen=True)
 class PseudoMaskSummary:
     n_predicted: int
-    n_kept: int  # unlabelled cases that already had a pseudo mask and were left alone
+    n_kept: int  # unlabelled cases that already had a pseudo mask of the same model and were left alone
     problems: list[CaseProblem] = field(default_factory=list)
     mean_tumour_fraction: float = float("nan")  # over the newly predicted masks
     n_empty: int = 0  # predicted masks without a single tumour voxel
+    n_replaced: int = 0  # of n_predicted: masks another model, threshold or shape had made
 
     @property
     def n_skipped(self) -> int:
@@ -70,8 +76,9 @@ class PseudoMaskSummary:
 
     def summary(self) -> str:
         fraction = "n/a" if np.isnan(self.mean_tumour_fraction) else f"{100 * self.mean_tumour_fraction:.2f}%"
+        replaced = f"; {self.n_replaced} of them replace masks another model made" if self.n_replaced else ""
         return (
-            f"{self.n_predicted} pseudo mask(s) written ({self.n_empty} empty, mean tumour fraction {fraction}), "
+            f"{self.n_predicted} pseudo mask(s) written ({self.n_empty} empty, mean tumour fraction {fraction}{replaced}), "
             f"{self.n_kept} kept from an earlier run, {self.n_skipped} case(s) skipped"
         )
 
@@ -375,15 +382,23 @@ def predict_pseudo_masks(
     manifest = read_manifest(dataset_dir)
     unlabelled = manifest[manifest["split"] == "unlabelled"]
     has_pseudo = unlabelled["mask"].notna() & (unlabelled["mask_kind"] == "pseudo")
-    todo = unlabelled[unlabelled["mask"].isna() | (has_pseudo & overwrite)]
-    n_kept = int(has_pseudo.sum()) if not overwrite else 0
+    path = Path(model_path) if model_path is not None else dataset_dir / SEGMENTER_DIR / MODEL_FILE
+    made_by_path = dataset_dir / PSEUDO_MASKS_DIR / MADE_BY_FILE
+    made_by = _read_made_by(made_by_path)
+    maker = None
+    if path.is_file():  # without a model nothing is predicted, and earlier masks stay
+        settings = model_settings(path, shape)
+        maker = _maker(path, threshold, settings)
+    other_maker = has_pseudo & (unlabelled["case_id"].map(made_by) != maker) if maker else has_pseudo & False
+    redo = has_pseudo & (overwrite | other_maker)
+    todo = unlabelled[unlabelled["mask"].isna() | redo]
+    n_kept = int((has_pseudo & ~redo).sum())
     if todo.empty:
         return PseudoMaskSummary(n_predicted=0, n_kept=n_kept)
 
-    path = Path(model_path) if model_path is not None else dataset_dir / SEGMENTER_DIR / MODEL_FILE
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_segmenter(path, device)
-    settings = model_settings(path, shape)
+    replaced = set(unlabelled.loc[other_maker & ~overwrite, "case_id"])
 
     written: dict[str, str] = {}
     fractions: list[float] = []
@@ -407,6 +422,8 @@ def predict_pseudo_masks(
             progress(done, len(todo))
 
     if written:
+        # The record first: a mask it lists that the manifest does not hold yet is predicted again.
+        atomic_write_text(made_by_path, json.dumps({**made_by, **dict.fromkeys(written, maker)}, indent=1, sort_keys=True))
         # Re-read so that edits made to the manifest while predicting are not lost.
         current = read_manifest(dataset_dir)
         rows = current["case_id"].isin(list(written))
@@ -419,4 +436,20 @@ def predict_pseudo_masks(
         problems=problems,
         mean_tumour_fraction=float(np.mean(fractions)) if fractions else float("nan"),
         n_empty=sum(f == 0.0 for f in fractions),
+        n_replaced=len(replaced & set(written)),
     )
+
+
+def _maker(model_path: Path, threshold: float, settings: PrepareSettings) -> str:
+    """What makes a pseudo mask what it is: the model's bytes, the threshold, the input shape."""
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    return f"sha256:{digest} threshold:{threshold:g} shape:{'x'.join(map(str, settings.shape))}"
+
+
+def _read_made_by(path: Path) -> dict[str, str]:
+    """case_id -> maker of its pseudo mask; an unreadable record counts as none (all predicted again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in record.items()} if isinstance(record, dict) else {}

@@ -142,6 +142,30 @@ def test_second_run_keeps_existing_pseudo_masks_unless_overwrite(dataset):
     assert (redone.n_predicted, redone.n_kept) == (3, 0)
 
 
+def test_masks_another_model_or_threshold_made_are_predicted_again(dataset, tmp_path):
+    predict_pseudo_masks(dataset)
+    record = json.loads((dataset / PSEUDO_MASKS_DIR / "made_by.json").read_text())
+    assert sorted(record) == ["u000", "u001", "u002"] and len(set(record.values())) == 1
+
+    # Another model (a retrained segmenter, or --model): every earlier mask is replaced.
+    user_model = save_threshold_model(tmp_path / "user.ts")
+    other = predict_pseudo_masks(dataset, model_path=user_model, shape=SEGMENTER_SHAPE)
+    assert (other.n_predicted, other.n_replaced, other.n_kept) == (3, 3, 0)
+    assert "3 of them replace masks another model made" in other.summary()
+    assert predict_pseudo_masks(dataset, model_path=user_model, shape=SEGMENTER_SHAPE).n_kept == 3
+    # The same model at another threshold, or another input shape, makes other masks too.
+    assert predict_pseudo_masks(dataset, model_path=user_model, shape=SEGMENTER_SHAPE, threshold=0.7).n_replaced == 3
+    assert predict_pseudo_masks(dataset, model_path=user_model, shape=(20, 20, 6), threshold=0.7).n_replaced == 3
+
+    # Masks with no record (written before there was one) cannot be vouched for: predicted again.
+    (dataset / PSEUDO_MASKS_DIR / "made_by.json").unlink()
+    unknown = predict_pseudo_masks(dataset, model_path=user_model, shape=(20, 20, 6), threshold=0.7)
+    assert (unknown.n_predicted, unknown.n_replaced) == (3, 3)
+    # --overwrite predicts again whoever made them; that is no replacement of another model's.
+    redone = predict_pseudo_masks(dataset, model_path=user_model, shape=(20, 20, 6), threshold=0.7, overwrite=True)
+    assert (redone.n_predicted, redone.n_replaced) == (3, 0)
+
+
 @pytest.mark.parametrize("codes", [("L", "P", "S"), ("P", "I", "R")])
 def test_mask_of_a_non_ras_image_is_in_the_image_orientation_on_the_blob(dataset, tmp_path, codes):
     # The blob is placed in stored voxel order, off-centre, so a mask left in RAS order misses it.
