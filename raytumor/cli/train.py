@@ -72,6 +72,20 @@ def _print_result(result, stage: str) -> None:
         )
 
 
+def note_pool_without_masks(run_config) -> None:
+    """Say so when pre-training will see unlabelled cases without a mask (an empty mask channel)."""
+    if not (run_config.pretrain.enabled and run_config.pretrain.use_unlabelled):
+        return
+    from raytumor.data.manifest import read_manifest, unlabelled_without_masks
+
+    missing, pool = unlabelled_without_masks(read_manifest(run_config.data.dataset))
+    if missing:
+        dataset = shlex.quote(str(run_config.data.dataset))
+        typer.echo(f"note: {missing} of {pool} unlabelled case(s) have no mask, so pre-training gives them an empty "
+                   f"mask channel; the paper pre-trains with pseudo masks: raytumor masks train {dataset} && "
+                   f"raytumor masks predict {dataset}", err=True)
+
+
 def pretrain(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -95,6 +109,7 @@ def pretrain(
 
     run_config = _load(config, overrides, name, ["pretrain.enabled=true"])
     check_run(run_config, resume=resume)  # bad input fails before Ray (and torch) load
+    note_pool_without_masks(run_config)
 
     from raytumor.train.trainer import run_training
 
@@ -143,6 +158,7 @@ def train(
         typer.echo(f"training the best config of sweep {experiment.name}: {config}")
     run_config = _load(config, overrides, name, [])
     check_run(run_config, resume=resume)  # bad input fails before Ray (and torch) load
+    note_pool_without_masks(run_config)
 
     from raytumor.train.trainer import run_training
 

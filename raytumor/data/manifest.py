@@ -275,3 +275,9 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
         raise DatasetError(f"{path}: unreadable CSV ({str(exc).strip()})") from None
     table.columns = [str(c).strip() for c in table.columns]
     return table
+
+
+def unlabelled_without_masks(manifest: pd.DataFrame) -> tuple[int, int]:
+    """How many cases of the unlabelled pool have no mask, and how many it holds."""
+    pool = manifest[manifest["split"] == "unlabelled"]
+    return int(pool["mask"].isna().sum()), len(pool)

@@ -197,3 +197,26 @@ def test_a_sweep_checks_a_backbone_every_trial_uses_before_ray_starts(dataset, t
     from raytumor.sweep.run import check_sweep
 
     check_sweep(path)
+
+
+def test_pretraining_on_a_pool_without_masks_says_how_to_make_pseudo_masks(tmp_path, capsys):
+    from raytumor.cli.train import note_pool_without_masks
+    from raytumor.config import load_config
+    from raytumor.data.manifest import read_manifest, write_manifest
+
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3, 3), shape=(8, 8, 4), unlabelled=3)
+    config = load_config(overrides=[f"data.dataset={dataset}", "pretrain.enabled=true"])
+    note_pool_without_masks(config)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: 3 of 3 unlabelled case(s) have no mask")
+    assert err.rstrip().endswith(f"raytumor masks train {dataset} && raytumor masks predict {dataset}")
+
+    for overrides in (["pretrain.enabled=false"], ["pretrain.enabled=true", "pretrain.use_unlabelled=false"]):
+        note_pool_without_masks(load_config(overrides=[f"data.dataset={dataset}", *overrides]))
+        assert capsys.readouterr().err == ""
+    manifest = read_manifest(dataset)
+    pool = manifest["split"] == "unlabelled"
+    manifest.loc[pool, "mask"], manifest.loc[pool, "mask_kind"] = manifest.loc[pool, "image"], "pseudo"
+    write_manifest(dataset, manifest)
+    note_pool_without_masks(config)
+    assert capsys.readouterr().err == ""
