@@ -17,6 +17,18 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _note_pool_without_masks(search_space, base_tree: dict) -> None:
+    """The note of ``raytumor pretrain``, when some trial may pre-train."""
+    from raytumor.cli.train import note_pool_without_masks
+    from raytumor.config import build_config, merge
+    from raytumor.sweep.space import Distribution, nest
+
+    fixed = build_config(merge(base_tree, nest(search_space.fixed())), source=search_space.name)
+    varied = isinstance(search_space.parameters.get("pretrain.enabled"), Distribution)
+    in_grid = any(trial.get("pretrain.enabled") for trial in search_space.configurations or [])
+    note_pool_without_masks(fixed, pretraining=fixed.pretrain.enabled or varied or in_grid)
+
+
 def sweep(
     space: Path = typer.Argument(..., help="Search-space YAML (see search_spaces/)."),
     name: Optional[str] = typer.Option(None, "--name", help="Experiment name (default: the space's name)."),
@@ -49,7 +61,8 @@ def sweep(
     from raytumor.sweep.run import SweepInterrupted, check_sweep, run_sweep
 
     check_dashboard_for_ray_train(address, dashboard, "a sweep")
-    search_space, _, _ = check_sweep(space, name=name, results_dir=results_dir, resume=resume)  # before Ray starts
+    search_space, base_tree, _ = check_sweep(space, name=name, results_dir=results_dir, resume=resume)  # before Ray
+    _note_pool_without_masks(search_space, base_tree)
     target = None
     if mlflow:
         target = mlflow_target(True, mlflow_uri, mlflow_experiment or name or search_space.name)

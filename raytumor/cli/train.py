@@ -72,9 +72,11 @@ def _print_result(result, stage: str) -> None:
         )
 
 
-def note_pool_without_masks(run_config) -> None:
-    """Say so when pre-training will see unlabelled cases without a mask (an empty mask channel)."""
-    if not (run_config.pretrain.enabled and run_config.pretrain.use_unlabelled):
+def note_pool_without_masks(run_config, *, pretraining: bool | None = None) -> None:
+    """Say so when pre-training (``run_config``'s, or as ``pretraining`` says) will see unlabelled
+    cases without a mask: they get an empty mask channel."""
+    pretraining = run_config.pretrain.enabled if pretraining is None else pretraining
+    if not (pretraining and run_config.pretrain.use_unlabelled):
         return
     from raytumor.data.manifest import read_manifest, unlabelled_without_masks
 

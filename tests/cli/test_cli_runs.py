@@ -220,3 +220,17 @@ def test_pretraining_on_a_pool_without_masks_says_how_to_make_pseudo_masks(tmp_p
     write_manifest(dataset, manifest)
     note_pool_without_masks(config)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("space, notes", [("demo", False), ("pretrain_epochs", True), ("full", True),
+                                          ("paper_table2", True)])
+def test_a_sweep_that_may_pretrain_notes_the_pool_without_masks(space, notes, tmp_path, capsys):
+    from raytumor.cli.sweep import _note_pool_without_masks
+    from raytumor.sweep.space import load_search_space
+
+    dataset = make_dataset(tmp_path / "ds", n_per_class=(3, 3), shape=(8, 8, 4), unlabelled=2)
+    search_space, base_tree = load_search_space(Path(__file__).resolve().parents[2] / "search_spaces" / f"{space}.yaml")
+    base_tree["data"]["dataset"] = str(dataset)
+    _note_pool_without_masks(search_space, base_tree)
+    err = capsys.readouterr().err
+    assert err.startswith("note: 2 of 2 unlabelled case(s) have no mask") if notes else err == ""
