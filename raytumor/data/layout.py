@@ -30,8 +30,9 @@ SHARDS_DIR = "shards"
 # Bump when the preprocessing maths, or what it accepts, changes: old caches then stop matching.
 # 2: masks must hold integer labels >= 0. 3: empty ground-truth masks and rows sharing an image
 # file are quarantined, as `raytumor data validate` flags them. 4: a .nii.gz must decompress
-# whole (one missing its gzip trailer read as valid).
-PREPROCESS_VERSION = 4
+# whole (one missing its gzip trailer read as valid). 5: axes shrunk by more than 2x are pooled
+# first (mean for the image, max for the mask), so no slice is skipped.
+PREPROCESS_VERSION = 5
 PAPER_SHAPE = (128, 128, 12)
 
 

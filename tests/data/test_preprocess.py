@@ -16,6 +16,7 @@ from raytumor.data.preprocess import (
     find_prepared,
     find_prepared_quick,
     normalise_intensity,
+    pool_large_shrinks,
     prepare_dataset,
     preprocess_volume,
     resize_volume,
@@ -48,6 +49,36 @@ def test_preprocess_volume_shape_dtype_and_binary_mask():
     assert set(np.unique(out[1])) == {0.0, 1.0}
     out_no_mask = preprocess_volume(image, None, PrepareSettings(shape=SHAPE))
     assert not out_no_mask[1].any()
+
+
+def test_a_lesion_between_the_slices_interpolation_reads_stays_in_the_mask():
+    """60 slices into 4: nearest and trilinear read slices 7, 22, 37 and 52 only. A lesion on
+    slices 14-16 is pooled into the blocks it touches (0: slices 0-14, 1: 15-29)."""
+    image = 100.0 + np.random.default_rng(3).normal(0, 1, (40, 40, 60)).astype(np.float32)
+    lesion = np.zeros((40, 40, 60), dtype=np.uint8)
+    lesion[18:22, 18:22, 14:17] = 1
+    image[lesion > 0] += 100
+    assert not resize_volume(lesion.astype(np.float32), (20, 20, 4), "nearest-exact").any()  # what it was
+    out = preprocess_volume(image, lesion, PrepareSettings(shape=(20, 20, 4)))
+    assert sorted(set(np.nonzero(out[1])[2])) == [0, 1]
+    assert set(np.nonzero(out[1])[0]) == {9, 10}  # x shrinks 2x: interpolated as before
+    # The image's lesion slices count too: blocks 0 and 1 are brighter at the lesion than 2 and 3.
+    at_lesion = out[0][9:11, 9:11]
+    assert at_lesion[..., :2].min() > at_lesion[..., 2:].max() + 1
+
+
+def test_only_axes_shrunk_by_more_than_two_are_pooled():
+    alternating = np.zeros((40, 9, 60), dtype=np.float32)
+    alternating[..., ::2] = 1.0
+    pooled = pool_large_shrinks(alternating, (20, 9, 4), "mean").numpy()
+    assert pooled.shape == (40, 9, 4)  # x 2x, y 1x: left to interpolation
+    np.testing.assert_allclose(pooled[0, 0], [8 / 15, 7 / 15, 8 / 15, 7 / 15], atol=1e-6)
+    assert pool_large_shrinks(alternating, (20, 9, 4), "max").numpy().min() == 1.0
+    # The demo's 2x in every axis is untouched: exactly the interpolation of before.
+    image, mask = blob_volume((64, 64, 16), radius=6)
+    out = preprocess_volume(image, mask, PrepareSettings(shape=(32, 32, 8)))
+    np.testing.assert_array_equal(out[0], normalise_intensity(resize_volume(image, (32, 32, 8), "trilinear"), 0.5, 99.5))
+    np.testing.assert_array_equal(out[1], resize_volume(mask.astype(np.float32), (32, 32, 8), "nearest-exact") > 0.5)
 
 
 @pytest.mark.parametrize("source_shape", [(20, 24, 6), (9, 7, 30), (16, 16, 8)])
