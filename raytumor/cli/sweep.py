@@ -21,12 +21,11 @@ def _note_pool_without_masks(search_space, base_tree: dict) -> None:
     """The note of ``raytumor pretrain``, when some trial may pre-train."""
     from raytumor.cli.train import note_pool_without_masks
     from raytumor.config import build_config, merge
-    from raytumor.sweep.space import Distribution, nest
+    from raytumor.sweep.run import may_be_set
+    from raytumor.sweep.space import nest
 
     fixed = build_config(merge(base_tree, nest(search_space.fixed())), source=search_space.name)
-    varied = isinstance(search_space.parameters.get("pretrain.enabled"), Distribution)
-    in_grid = any(trial.get("pretrain.enabled") for trial in search_space.configurations or [])
-    note_pool_without_masks(fixed, pretraining=fixed.pretrain.enabled or varied or in_grid)
+    note_pool_without_masks(fixed, pretraining=may_be_set(search_space, fixed.pretrain.enabled, "pretrain.enabled"))
 
 
 def sweep(

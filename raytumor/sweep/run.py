@@ -191,7 +191,7 @@ def _absolute_paths(base_tree: dict, space: SearchSpace) -> dict:
     return merge(base_tree, paths)
 
 
-def _may_be_set(space: SearchSpace, base_value: Any, key: str) -> bool:
+def may_be_set(space: SearchSpace, base_value: Any, key: str) -> bool:
     """Whether any trial of the space can run with ``key`` true."""
     value = space.parameters.get(key, base_value)
     if hasattr(value, "values") and value.values is not None:
@@ -209,8 +209,8 @@ def _shared_inputs(space: SearchSpace, config: RunConfig) -> dict:
 
     return read_stage_datasets(
         config,
-        augmented=_may_be_set(space, config.data.augment_rare, "data.augment_rare"),
-        pretraining=_may_be_set(space, config.pretrain.enabled, "pretrain.enabled"),
+        augmented=may_be_set(space, config.data.augment_rare, "data.augment_rare"),
+        pretraining=may_be_set(space, config.pretrain.enabled, "pretrain.enabled"),
     )
 
 
