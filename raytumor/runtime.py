@@ -154,9 +154,9 @@ def kill_leftover_workers(address: str, grace_s: float = 3.0) -> list[int]:
     alive ``grace_s`` seconds after it was shut down; their pids. Linux only (reads ``/proc``);
     elsewhere none.
 
-    ``ray.shutdown()`` of an embedded Ray returns before every worker has exited: in about a
-    quarter of small training runs the ``ray::TrainController`` was still running and exited
-    by itself 0.2 s later, so those are waited for. But Ray 2.60's core worker now and then
+    ``ray.shutdown()`` of an embedded Ray returns before every worker has exited: in 4 of 10
+    small training runs the ``ray::TrainController`` was still running and exited by itself
+    0.2-0.6 s later, so those are waited for. But Ray 2.60's core worker now and then
     deadlocks in its own destructor as a worker process exits (seen once in a full test run: a
     ``ray::TrainController`` whose fit had ended, blocked forever at 400 MB). Its Ray gone,
     nothing else would ever stop it. A worker is known by the ``RAY_ADDRESS`` that
