@@ -87,6 +87,14 @@ def one_file(case: BratsCase, modality: str) -> Path:
     return files[0]
 
 
+def mask_file(case: BratsCase) -> Path | None:
+    """The case's ``seg`` file, if it has one; a ``ValueError`` when it has two."""
+    masks = case.files.get(MASK, [])
+    if len(masks) > 1:
+        raise ValueError(f"{len(masks)} seg files ({', '.join(p.name for p in masks)}); keep one")
+    return masks[0] if masks else None
+
+
 def challenge_patient(name: str) -> str | None:
     """``BraTS-GLI-00000-000`` -> ``BraTS-GLI-00000``: a patient's time points stay together."""
     match = _CHALLENGE_CASE.match(name)

@@ -301,16 +301,13 @@ def import_brats(
         for index, (case, case_id) in enumerate(zip(cases, case_ids)):
             try:
                 image = brats.one_file(case, modality)
-                masks = case.files.get(brats.MASK, [])
-                if len(masks) > 1:
-                    raise ValueError(f"{len(masks)} seg files ({', '.join(p.name for p in masks)}); keep one")
+                mask = brats.mask_file(case)
             except ValueError as exc:
                 problems.append(CaseProblem(case_id, str(case.folder), str(exc)))
                 continue
             if index not in labels:
                 problems.append(CaseProblem(case_id, str(image), brats.missing_label_reason(source, csv_path, label_column)))
                 continue
-            mask = masks[0] if masks else None
             rows.append(
                 {
                     "case_id": case_id,

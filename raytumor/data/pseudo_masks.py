@@ -389,7 +389,7 @@ def predict_pseudo_masks(
     if path.is_file():  # without a model nothing is predicted, and earlier masks stay
         settings = model_settings(path, shape)
         maker = _maker(path, threshold, settings)
-    other_maker = has_pseudo & (unlabelled["case_id"].map(made_by) != maker) if maker else has_pseudo & False
+    other_maker = has_pseudo & (maker is not None) & (unlabelled["case_id"].map(made_by) != maker)
     redo = has_pseudo & (overwrite | other_maker)
     todo = unlabelled[unlabelled["mask"].isna() | redo]
     n_kept = int((has_pseudo & ~redo).sum())
