@@ -86,10 +86,13 @@ def sweep_trial(trial_params: dict, context: dict, shared_datasets: dict | None 
 
 
 def _report_epochs(rows: list[dict]) -> None:
+    """Each epoch's metrics as the live run reported them: a NaN (Recall_M* with no rare class
+    among the validation cases) stays NaN. As None, it became JSON null in Tune's results, and a
+    sweep whose best trial was replayed failed while writing its leaderboard."""
     import ray.tune
 
     for row in rows:
-        ray.tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+        ray.tune.report(dict(row))
 
 
 def _experiment_dir(space: SearchSpace, name: str | None, results_dir: str | None) -> Path:
@@ -417,8 +420,8 @@ def _trial_rows(results, space: SearchSpace, trials_dir: Path) -> list[dict]:
             row["best_epoch"] = int(best.get("epoch", 0))
             row["epochs_run"] = int(history["epoch"].max()) if "epoch" in history else len(history)
             for key in ("val_recall_micro", "val_recall_macro", "val_recall_macro_rare", "val_rank5"):
-                if key in best:
-                    row[key] = float(best[key])
+                if key in best:  # null in the results of sweeps replayed before the fix above: NaN
+                    row[key] = float(pd.to_numeric(best[key], errors="coerce"))
         else:
             row["objective"] = math.nan
         row["status"] = ("error" if result.error else "stopped" if _stopped_early(trials_dir / row["trial_id"])
