@@ -88,6 +88,16 @@ def note_pool_without_masks(run_config, *, pretraining: bool | None = None) -> N
                    f"raytumor masks predict {dataset}", err=True)
 
 
+def _note_idle_cpus(run_config) -> None:
+    import ray
+
+    from raytumor.sweep.run import idle_cpus_note
+
+    note = idle_cpus_note(run_config, ray.cluster_resources())
+    if note:
+        typer.echo(note, err=True)
+
+
 def pretrain(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -167,6 +177,8 @@ def train(
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
     with _resume_hint_on_interrupt(run_config, config, overrides, name):
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
+            if experiment is not None:
+                _note_idle_cpus(run_config)
             result = run_training(run_config, resume=resume, mlflow=target,
                                   pretrain_cache=(experiment / "pretrain_cache") if experiment else None)
     if experiment is not None:

@@ -133,6 +133,25 @@ def trials_at_once(space: SearchSpace, config: RunConfig, cluster: Mapping[str, 
     return max(1, int(min(limits)))
 
 
+def idle_cpus_note(config: RunConfig, cluster: Mapping[str, float]) -> str | None:
+    """A line for ``train --best`` when the winner's resources, sized for trials at once, leave
+    most of ``cluster``'s CPUs idle in a run of its own (a 0.5-CPU worker runs one torch thread,
+    on 2 cores or on 64); None when they use at least half of what is free, or GPUs train."""
+    resources = config.resources
+    if resources.use_gpu is True or (resources.use_gpu == "auto" and cluster.get("GPU", 0.0) > 0):
+        return None
+    workers = resources.num_workers
+    free = cluster.get("CPU", 0.0) - RAY_DATA_CPUS
+    threads = workers * max(1, math.floor(resources.cpus_per_worker))
+    per_worker = math.floor(free / workers)
+    if free < 2 * max(threads, workers * resources.cpus_per_worker) or per_worker < 2:
+        return None
+    return (f"note: the best config trains {workers} worker(s) x {resources.cpus_per_worker:g} CPU "
+            f"({threads} torch thread(s)), as its trial did beside the others; this Ray has "
+            f"{cluster.get('CPU', 0.0):g} CPUs: add --set resources.cpus_per_worker={per_worker} to use "
+            f"{workers * per_worker} of them (one is left for Ray Data)")
+
+
 def _search_alg(space: SearchSpace):
     import optuna
 

@@ -262,6 +262,47 @@ def test_auto_concurrency_fits_the_cluster_with_a_cpu_left_for_ray_data(tmp_path
     assert trials_at_once(fixed, build_config({"resources": resources}), cluster) == 3
 
 
+@pytest.mark.parametrize(
+    "cluster, resources, per_worker",
+    [
+        ({"CPU": 2.0}, {"num_workers": 1, "cpus_per_worker": 0.5}, None),  # 1 thread, 1 CPU free: nothing to gain
+        ({"CPU": 4.0}, {"num_workers": 1, "cpus_per_worker": 0.5}, 3),
+        ({"CPU": 16.0}, {"num_workers": 1, "cpus_per_worker": 0.5}, 15),
+        ({"CPU": 16.0}, {"num_workers": 2, "cpus_per_worker": 1}, 7),
+        ({"CPU": 16.0}, {"num_workers": 2, "cpus_per_worker": 4}, None),  # uses 8 of 15
+        ({"CPU": 16.0}, {"num_workers": 1, "cpus_per_worker": 8}, None),
+        ({"CPU": 16.0, "GPU": 1.0}, {"num_workers": 1, "cpus_per_worker": 0.5}, None),  # use_gpu auto: a GPU trains
+        ({"CPU": 16.0, "GPU": 1.0}, {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False}, 15),
+    ],
+)
+def test_train_best_says_when_the_trial_sized_resources_leave_cpus_idle(cluster, resources, per_worker):
+    from raytumor.config import build_config
+    from raytumor.sweep.run import idle_cpus_note
+
+    note = idle_cpus_note(build_config({"resources": resources}), cluster)
+    if per_worker is None:
+        assert note is None
+    else:
+        assert note.startswith("note: the best config trains ")
+        assert f"this Ray has {cluster['CPU']:g} CPUs: add --set resources.cpus_per_worker={per_worker} " in note
+
+
+def test_train_best_prints_the_idle_cpus_note_to_stderr(monkeypatch, capsys):
+    import ray
+
+    from raytumor.cli.train import _note_idle_cpus
+    from raytumor.config import build_config
+
+    config = build_config({"resources": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    _note_idle_cpus(config)
+    out, err = capsys.readouterr()
+    assert out == "" and "--set resources.cpus_per_worker=7 to use 7 of them" in err
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    _note_idle_cpus(config)
+    assert capsys.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
 def test_shipped_spaces_run_two_trials_at_once_on_two_cores(path):
     from raytumor.config import build_config, merge
