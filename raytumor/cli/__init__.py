@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: rich's panels printed <bool> beside every flag
 )
 app.add_typer(data_cli.app, name="data")
 app.add_typer(masks_cli.app, name="masks")
@@ -38,15 +39,19 @@ app.command("search")(evaluate_cli.search)
 
 
 def _unwrap_help(typer_app: typer.Typer) -> None:
-    """Join the hard-wrapped lines of every command's docstring into paragraphs.
+    """Join the hard-wrapped lines of every command's docstring into paragraphs, and list each
+    command (and command group) by its whole first paragraph.
 
     Typer 0.29 keeps a docstring's line breaks after its first paragraph, so at 80 columns
     the help came out ragged ("... on the val split; the best" / "model by val Recall_M ...").
+    Click cuts a command's summary in a list at about 45 characters unless it has its own.
     """
     for command in typer_app.registered_commands:
         text = inspect.cleandoc(command.help or command.callback.__doc__ or "")
         command.help = "\n\n".join(" ".join(p.split("\n")) for p in text.split("\n\n"))
+        command.short_help = command.short_help or command.help.split("\n\n")[0]
     for group in typer_app.registered_groups:
+        group.short_help = group.short_help or group.typer_instance.info.help
         _unwrap_help(group.typer_instance)
 
 

@@ -10,7 +10,7 @@ import typer
 from raytumor.cli.progress import progress_bar
 
 app = typer.Typer(help="Datasets: import, demo data, validation, preprocessing cache, rare-case augmentation.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 def _shape(text: str) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ DatasetOpt = typer.Option(
 )
 BatchOpt = typer.Option(32, "--batch-size", min=1, help="Volumes embedded per forward pass.")
 
-index_app = typer.Typer(help="Similar-case retrieval index of a trained run.", no_args_is_help=True)
+index_app = typer.Typer(help="Similar-case retrieval index of a trained run.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _metric_table(rows: list[dict], title: str):
@@ -40,7 +40,7 @@ def _metric_table(rows: list[dict], title: str):
 
 def evaluate(
     runs: Optional[List[Path]] = typer.Argument(
-        None, help="Run directories (from `raytumor train`); several give one comparison table. "
+        None, metavar="RUN", help="Run directories (from `raytumor train`); several give one comparison table. "
         "Default: the latest `raytumor train --best` run recorded in --results-dir."
     ),
     k: int = typer.Option(

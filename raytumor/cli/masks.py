@@ -11,7 +11,7 @@ from raytumor.cli.data import _shape
 from raytumor.cli.progress import progress_bar
 
 app = typer.Typer(help="Pseudo tumour masks: train a segmenter on ground-truth masks, predict masks for unlabelled scans.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 def _channels(text: str) -> tuple[int, ...]:

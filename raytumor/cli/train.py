@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (see configs/); defaults apply to missing keys.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. --set train.margin=0.5 (repeatable).")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.margin=0.5 (repeatable).")
 NameOpt = typer.Option(None, "--name", help="Run name (directory under output_dir); overrides the config's name.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 AddressOpt = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: an embedded Ray.")

@@ -210,6 +210,20 @@ def test_entry_point_prints_one_error_line_for_a_bad_dataset(tmp_path):
     assert proc.stdout == ""  # no empty progress bar drawn before the error
 
 
+@pytest.mark.parametrize("group", [[], ["data"], ["masks"], ["index"]])
+def test_command_lists_show_each_whole_summary_and_flags_no_type(group):
+    result = runner.invoke(app, [*group, "--help"])
+    assert result.exit_code == 0, result.output
+    listing = " ".join(result.output.split("Commands:")[1].split())
+    assert "..." not in listing  # click cut summaries at ~45 characters without short_help
+    if not group:
+        assert "data Datasets: import, demo data, validation, preprocessing cache, rare-case augmentation." in listing
+        assert "sweep Sweep a search space with Ray Tune + Optuna (TPE, seeded) and ASHA, selecting by validation " \
+               "Recall_M." in listing
+    flags = runner.invoke(app, ["train", "--help"]).output
+    assert "<bool>" not in flags and "--resume   " in flags and "-s, --set KEY=VALUE" in flags
+
+
 @pytest.mark.parametrize("command, sentence", [
     ("train", "the best model by val Recall_M"),
     ("sweep", "trains through the same trainer builder as `raytumor train`"),
@@ -217,8 +231,15 @@ def test_entry_point_prints_one_error_line_for_a_bad_dataset(tmp_path):
     ("search", "resized to the run's shape"),
     ("sweep-report", "from the experiment's leaderboard"),
 ])
-def test_help_paragraphs_flow_with_the_terminal(command, sentence):
-    # The docstrings are wrapped at ~90 characters; their line breaks must not reach the help.
+def test_help_paragraphs_are_refilled_to_the_help_width(command, sentence):
+    # The docstrings are wrapped at ~90 characters; click refills each paragraph to its 80
+    # columns, so no docstring line break shows and no line runs over.
     result = runner.invoke(app, [command, "--help"], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert sentence in result.output
+    assert sentence in " ".join(result.output.split())
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80
+    description = lines[2:lines.index("Options:") if "Arguments:" not in lines else lines.index("Arguments:")]
+    for line, after in zip(description, description[1:]):
+        if line.strip() and after.strip():  # a line within a paragraph is full: the next word did not fit
+            assert len(line) + 1 + len(after.split()[0]) > 78, (line, after)
