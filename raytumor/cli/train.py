@@ -46,19 +46,28 @@ def _load(config: Optional[Path], overrides: Optional[List[str]], name: Optional
 
 
 @contextlib.contextmanager
-def _resume_hint_on_interrupt(run_config, config: Optional[Path], overrides: Optional[List[str]],
+def _resume_hint_on_interrupt(run_config, config_args: List[str], overrides: Optional[List[str]],
                               name: Optional[str], command: str = "train"):
-    """After Ctrl-C, say how to continue the run: its checkpoints are kept."""
+    """After Ctrl-C, say how to continue the run: its checkpoints are kept. ``config_args``:
+    the options that named its config (``-c FILE``, or ``--best`` and the sweep)."""
     try:
         yield
     except KeyboardInterrupt:
-        again = [f"raytumor {command}"] + ([f"-c {config}"] if config else [])
+        again = [f"raytumor {command}", *config_args]
         again += [f"--set {shlex.quote(item)}" for item in overrides or []]
         again += [f"--name {shlex.quote(name)}"] if name is not None else []
         run_dir = Path(run_config.output_dir) / run_config.name
-        typer.echo(f"training interrupted; {run_dir} keeps its checkpoints. Continue it with: "
+        # On a line of its own: a progress bar may have been left mid-line.
+        typer.echo(f"\ntraining interrupted; {run_dir} keeps its checkpoints. Continue it with: "
                    f"{' '.join(again)} --resume", err=True)
         raise
+
+
+def _config_args(config: Optional[Path], experiment: Optional[Path] = None, results_dir: str = "results") -> List[str]:
+    if experiment is not None:  # --best: resumed the same way, so the run is recorded as the sweep's best again
+        return ["--best", "--from", shlex.quote(str(experiment))] + (
+            ["--results-dir", shlex.quote(results_dir)] if results_dir != "results" else [])
+    return ["-c", shlex.quote(str(config))] if config else []
 
 
 def _print_result(result, stage: str) -> None:
@@ -126,7 +135,7 @@ def pretrain(
     from raytumor.train.trainer import run_training
 
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
-    with _resume_hint_on_interrupt(run_config, config, overrides, name, command="pretrain"):
+    with _resume_hint_on_interrupt(run_config, _config_args(config), overrides, name, command="pretrain"):
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
             result = run_training(run_config, resume=resume, stages=("pretrain",), mlflow=target)
     typer.echo(f"pre-training finished: backbone in {result.run_dir / PRETRAINED_BACKBONE_FILE}; "
@@ -175,7 +184,7 @@ def train(
     from raytumor.train.trainer import run_training
 
     target = mlflow_target(mlflow, mlflow_uri, mlflow_experiment)
-    with _resume_hint_on_interrupt(run_config, config, overrides, name):
+    with _resume_hint_on_interrupt(run_config, _config_args(config, experiment, results_dir), overrides, name):
         with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
             if experiment is not None:
                 _note_idle_cpus(run_config)

@@ -133,6 +133,30 @@ def test_ctrl_c_during_training_says_how_to_resume(command, dataset, tmp_path, m
             f"--name 'r 1' --resume") in err
 
 
+def test_ctrl_c_during_train_best_says_to_resume_it_as_the_sweeps_best(dataset, tmp_path, monkeypatch, capsys):
+    """Resumed with -c best.yaml, the run was no longer recorded as the sweep's best (so a bare
+    `raytumor evaluate` missed it) and lost the sweep's pre-training cache."""
+    import ray
+
+    from raytumor.train import trainer
+
+    def interrupted_training(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    results = tmp_path / "my results"
+    (results / "exp").mkdir(parents=True)
+    (results / "exp" / "best.yaml").write_text(yaml.safe_dump(
+        {"name": "exp-best", "output_dir": str(tmp_path / "runs"), "data": {"dataset": str(dataset)}}))
+    monkeypatch.setattr(trainer, "run_training", interrupted_training)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    code, err = _run_main(monkeypatch, capsys, "train", "--best", "--results-dir", str(results),
+                          ray_session=_no_ray_needed)
+    assert code == 130
+    assert err.startswith("\ntraining interrupted; ")  # a line of its own, after any progress bar
+    assert (f"Continue it with: raytumor train --best --from '{results / 'exp'}' --results-dir '{results}' "
+            "--resume") in err
+
+
 def test_ctrl_c_during_a_sweep_says_how_to_resume(dataset, tmp_path, monkeypatch, capsys):
     from raytumor.sweep import run
 
