@@ -8,6 +8,9 @@ so a second run (or a run after Ctrl-C) continues where the first stopped.
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -60,32 +63,44 @@ def demo(
     base_tree = merge(base_tree, {"data": {"dataset": str(dataset)}, "output_dir": str(directory / "runs")})
     base = build_config(merge(base_tree, nest(space_def.fixed())), source=str(space))
 
-    if (dataset / MANIFEST_FILE).is_file():
-        console.print(f"[1/7] demo dataset exists: {dataset}")
-    else:
-        with progress_bar("[1/7] generating demo dataset") as update:
-            make_demo_dataset(dataset, scale=scale, seed=seed, unlabelled=unlabelled, progress=update)
-    with progress_bar("[2/7] validating") as update:
-        report = validate_dataset(dataset, progress=update)
-    console.print(f"      {report.summary()}")
+    with _rerun_hint_on_interrupt():
+        if (dataset / MANIFEST_FILE).is_file():
+            console.print(f"[1/7] demo dataset exists: {dataset}")
+        else:
+            with progress_bar("[1/7] generating demo dataset") as update:
+                make_demo_dataset(dataset, scale=scale, seed=seed, unlabelled=unlabelled, progress=update)
+        with progress_bar("[2/7] validating") as update:
+            report = validate_dataset(dataset, progress=update)
+        console.print(f"      {report.summary()}")
 
-    with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
-        console.print(f"[3/7] preprocessing on Ray Data to {'x'.join(map(str, base.data.shape))}")
-        prepared = prepare_dataset(dataset, PrepareSettings(shape=tuple(base.data.shape)))
-        console.print(f"      {prepared.n_cases} cases, {prepared.n_quarantined} quarantined: {prepared.path}")
-        rare = rare_labels(read_classes(dataset))
-        augmented = augment_rare_cases(prepared, rare, n=base.data.augment_n, seed=base.seed)
-        console.print(f"[4/7] rare-case augmentation: {augmented.n_rows} rows from "
-                      f"{augmented.n_source_cases} rare training cases")
-        manifest = read_manifest(dataset)
-        console.print(f"      labelled {int(manifest['label'].notna().sum())}, "
-                      f"unlabelled {int((manifest['split'] == 'unlabelled').sum())}, classes {len(read_classes(dataset))}, "
-                      f"rare {len(rare)}")
-        if data_only:
-            return
-        experiment = _sweep(console, space, base_tree, results, target)
-        run_dir = _train_best(console, experiment, results, target)
-    _evaluate(console, run_dir)
+        with ray_session(address, num_cpus=num_cpus, dashboard=dashboard):
+            console.print(f"[3/7] preprocessing on Ray Data to {'x'.join(map(str, base.data.shape))}")
+            prepared = prepare_dataset(dataset, PrepareSettings(shape=tuple(base.data.shape)))
+            console.print(f"      {prepared.n_cases} cases, {prepared.n_quarantined} quarantined: {prepared.path}")
+            rare = rare_labels(read_classes(dataset))
+            augmented = augment_rare_cases(prepared, rare, n=base.data.augment_n, seed=base.seed)
+            console.print(f"[4/7] rare-case augmentation: {augmented.n_rows} rows from "
+                          f"{augmented.n_source_cases} rare training cases")
+            manifest = read_manifest(dataset)
+            console.print(f"      labelled {int(manifest['label'].notna().sum())}, "
+                          f"unlabelled {int((manifest['split'] == 'unlabelled').sum())}, classes {len(read_classes(dataset))}, "
+                          f"rare {len(rare)}")
+            if data_only:
+                return
+            experiment = _sweep(console, space, base_tree, results, target)
+            run_dir = _train_best(console, experiment, results, target)
+        _evaluate(console, run_dir)
+
+
+@contextlib.contextmanager
+def _rerun_hint_on_interrupt():
+    """After Ctrl-C, say that the same command continues: every finished step is kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"\ndemo interrupted; its finished steps are kept. Continue it with the same command: "
+                   f"{shlex.join(['raytumor', *sys.argv[1:]])}", err=True)
+        raise
 
 
 def _sweep(console, space: Path, base_tree: dict, results: Path, mlflow) -> Path:

@@ -157,6 +157,19 @@ def test_ctrl_c_during_train_best_says_to_resume_it_as_the_sweeps_best(dataset, 
             "--resume") in err
 
 
+def test_ctrl_c_during_the_demo_says_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    from raytumor.data import demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "make_demo_dataset", interrupted)
+    code, err = _run_main(monkeypatch, capsys, "demo", "--dir", str(tmp_path / "my demo"), "--seed", "3")
+    assert code == 130
+    assert err.startswith("\ndemo interrupted; its finished steps are kept. Continue it with the same command: "
+                          f"raytumor demo --dir '{tmp_path / 'my demo'}' --seed 3\n")
+
+
 def test_ctrl_c_during_a_sweep_says_how_to_resume(dataset, tmp_path, monkeypatch, capsys):
     from raytumor.sweep import run
 
